@@ -1,0 +1,3 @@
+from paradiff.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,82 @@
+"""`paradiff` command line: parse, start ranks if `--nproc N` asks for them, run the command, one clear line on error.
+
+Each subcommand lives in `paradiff.commands.<name>` with `add_parser(subparsers)` and `run(args) -> int`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from paradiff.errors import UserError
+
+COMMANDS = ("generate", "bench", "eval", "stream", "info")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from paradiff import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="paradiff",
+        description="Fast diffusion inference: patch parallelism, asynchronous denoising, real-time streaming.",
+    )
+    parser.add_argument("--version", action="version", version=f"paradiff {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"paradiff.commands.{name}")
+        except ModuleNotFoundError as err:
+            if err.name == f"paradiff.commands.{name}":
+                continue  # command not built yet
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def _is_collective_failure(err: BaseException) -> bool:
+    import torch.distributed as dist
+
+    if isinstance(err, getattr(dist, "DistError", ())):
+        return True
+    text = str(err)
+    return any(s in text for s in ("Timed out", "timed out", "Connection closed by peer", "Connection reset", "NCCL"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from paradiff import launch, runtime
+
+    try:
+        nproc = getattr(args, "nproc", None)
+        if nproc is not None and nproc > 1 and not launch.in_launched_job():
+            check = getattr(args, "check_before_launch", None)
+            if check is not None:
+                check(args)
+            return launch.launch(nproc, argv)
+        if nproc is not None and launch.in_launched_job():
+            world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
+            if nproc != world:
+                raise UserError(f"--nproc {nproc} does not match the {world} ranks this job was started with.")
+        return args.run(args)
+    except UserError as err:
+        print(f"paradiff: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("paradiff: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - a dead peer must not print a wall of tracebacks on every rank
+        if runtime.get().distributed and _is_collective_failure(err):
+            rt = runtime.get()
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            print(
+                f"paradiff: rank {rt.rank}: a collective failed, another rank died or stopped responding "
+                f"(timeout {runtime.timeout_seconds():.0f} s): {first}",
+                file=sys.stderr,
+            )
+            return 1
+        raise
+    finally:
+        runtime.shutdown()

@@ -1,0 +1,112 @@
+"""Options shared by several commands: model, size, device and the parallel method flags."""
+
+from __future__ import annotations
+
+import argparse
+
+from paradiff.errors import UserError
+
+METHODS = ("none", "patch", "cfg", "cfg+patch", "async", "cfg+async")
+GN_MODES = ("corrected", "sync", "stale", "separate")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def image_size(text: str) -> tuple[int, int]:
+    """'512' or 'HxW' ('768x1024'); both sides multiples of 8 (the VAE downsamples by 8)."""
+    parts = text.lower().replace("*", "x").split("x")
+    try:
+        if len(parts) == 1:
+            height = width = int(parts[0])
+        elif len(parts) == 2:
+            height, width = int(parts[0]), int(parts[1])
+        else:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must be N or HxW, e.g. 512 or 768x1024; got {text!r}") from None
+    for side in (height, width):
+        if side <= 0 or side % 8:
+            raise argparse.ArgumentTypeError(
+                f"size {text!r}: height and width must be positive multiples of 8 (e.g. {max(8, side // 8 * 8)} "
+                f"or {max(8, side // 8 * 8 + 8)})"
+            )
+    return height, width
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="hub id or local diffusers folder (default: embedded reference model)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                        help="weights/activations dtype (auto: fp16 on GPU, fp32 on CPU)")
+    parser.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda if available")
+
+
+def add_parallel_args(parser: argparse.ArgumentParser, methods: tuple[str, ...] = METHODS) -> None:
+    group = parser.add_argument_group("parallelism")
+    group.add_argument("--method", default="none", choices=methods, help="parallel method (default: none, one device)")
+    group.add_argument("--nproc", type=positive_int, default=None,
+                       help="start N local ranks (not needed under torchrun)")
+    group.add_argument("--warmup-steps", type=non_negative_int, default=None,
+                       help="synchronous steps before stale activations are used (patch, async)")
+    group.add_argument("--gn-mode", default=None, choices=GN_MODES, help="GroupNorm statistics mode (patch)")
+    group.add_argument("--stride", type=positive_int, default=None, help="async denoising stride: 1 or 2")
+    group.add_argument("--time-shift", action="store_true", default=None, help="async denoising time shift")
+    parser.set_defaults(check_before_launch=check_before_launch)
+
+
+def check_before_launch(args: argparse.Namespace) -> None:
+    """Checks made once, in the launching process, so a mistake gives one line instead of one per rank."""
+    if args.nproc and args.nproc > 1 and getattr(args, "method", "none") == "none":
+        raise UserError(f"--nproc {args.nproc} needs a parallel --method ({', '.join(METHODS[1:])}).")
+    device = getattr(args, "device", None)
+    import torch
+
+    if device == "cuda" or (device is None and torch.cuda.is_available()):
+        count = torch.cuda.device_count()
+        if args.nproc > count:
+            raise UserError(f"--nproc {args.nproc} asks for more ranks than the {count} visible CUDA GPU(s).")
+    methods_from_args(args)  # validates the method options before any rank starts
+
+
+def methods_from_args(args: argparse.Namespace) -> list:
+    """The parallel method objects the flags ask for, outermost first (cfg before patch/async)."""
+    name = getattr(args, "method", "none")
+    if name == "none":
+        for flag in ("warmup_steps", "gn_mode", "stride", "time_shift"):
+            if getattr(args, flag, None) is not None:
+                raise UserError(f"--{flag.replace('_', '-')} needs a parallel --method.")
+        return []
+    methods = []
+    for part in name.split("+"):
+        if part == "cfg":
+            from paradiff.methods.cfg import CFGParallel
+
+            methods.append(CFGParallel())
+        elif part == "patch":
+            from paradiff.methods.patch import PatchParallel
+
+            kwargs = {"warmup_steps": args.warmup_steps, "gn_mode": args.gn_mode}
+            methods.append(PatchParallel(**{k: v for k, v in kwargs.items() if v is not None}))
+        elif part == "async":
+            from paradiff.methods.asyncdenoise import AsyncDenoise
+
+            kwargs = {"warmup_steps": args.warmup_steps, "stride": args.stride, "time_shift": args.time_shift}
+            methods.append(AsyncDenoise(**{k: v for k, v in kwargs.items() if v is not None}))
+    return methods

@@ -1,0 +1,58 @@
+"""`paradiff generate PROMPT`: one image from a diffusers pipeline, serial or with a parallel method."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from paradiff.commands.common import add_model_args, add_parallel_args, image_size, non_negative_int, positive_int
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate an image from a prompt",
+                       description="Generate an image. Under --nproc N or torchrun, all ranks work on one image.")
+    p.add_argument("prompt", help="text prompt")
+    p.add_argument("--negative-prompt", default=None)
+    add_model_args(p)
+    p.add_argument("--steps", type=positive_int, default=25, help="denoising steps (default 25)")
+    p.add_argument("--size", type=image_size, default=None, help="N or HxW, multiples of 8 (default: the model's)")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: pipeline's)")
+    p.add_argument("-o", "--output", default="out.png", help="output image file (written by rank 0)")
+    add_parallel_args(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from paradiff import runtime
+    from paradiff.commands.common import methods_from_args
+    from paradiff.errors import UserError
+    from paradiff.parallel import parallelize
+    from paradiff.pipelines import load_pipeline, torch_dtype
+
+    rt = runtime.init(args.device)
+    methods = methods_from_args(args)
+    if rt.world_size > 1 and not methods:
+        raise UserError(f"this job has {rt.world_size} ranks; choose a parallel --method.")
+    start = time.perf_counter()
+    pipe = load_pipeline(args.model, dtype=torch_dtype(args.dtype, rt.device))
+    if methods:
+        parallelize(pipe, *methods)
+    else:
+        pipe.to(rt.device)
+    kwargs = {"num_inference_steps": args.steps}
+    if args.size is not None:
+        kwargs["height"], kwargs["width"] = args.size
+    if args.guidance is not None:
+        kwargs["guidance_scale"] = args.guidance
+    if args.negative_prompt is not None:
+        kwargs["negative_prompt"] = args.negative_prompt
+    generator = torch.Generator("cpu").manual_seed(args.seed)
+    image = pipe(args.prompt, generator=generator, **kwargs).images[0]
+    if rt.is_main:
+        image.save(args.output)
+        print(f"wrote {args.output} ({image.height}x{image.width}, {args.steps} steps, "
+              f"{time.perf_counter() - start:.1f} s, {rt.world_size} rank(s) on {rt.device.type})")
+    return 0

@@ -1,0 +1,65 @@
+"""Load a diffusers pipeline from a hub id or a local folder, with one-line errors for the usual mistakes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from paradiff.errors import UserError
+
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+
+
+def default_model() -> str:
+    """The model `paradiff generate` uses when none is given: the embedded reference model."""
+    from paradiff.reference import DEFAULT_MODEL
+
+    return DEFAULT_MODEL
+
+
+def torch_dtype(name: str, device: Any):
+    """`auto` is fp16 on a GPU and fp32 on the CPU (CPU half precision is slow and lossy)."""
+    import torch
+
+    if name == "auto":
+        return torch.float16 if getattr(device, "type", str(device)) == "cuda" else torch.float32
+    try:
+        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+    except KeyError:
+        raise UserError(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}.") from None
+
+
+def _looks_like_path(model: str) -> bool:
+    return model.startswith((".", "/", "~")) or os.sep in model.strip("/").replace("/", "", 1) or model.count("/") > 1
+
+
+def load_pipeline(model: str | None = None, *, dtype: Any = None, pipeline_class: Any = None):
+    """`DiffusionPipeline.from_pretrained` on `model` (default: the reference model), safety checker off."""
+    from diffusers import DiffusionPipeline
+
+    model = model or default_model()
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"--model {model}: is a file; give a diffusers pipeline folder or a hub id.")
+        if not (path / "model_index.json").is_file():
+            raise UserError(
+                f"--model {model}: folder has no model_index.json, so it is not a diffusers pipeline folder."
+            )
+        model = str(path)
+    elif _looks_like_path(model):
+        raise UserError(f"--model {model}: no such folder.")
+    cls = pipeline_class or DiffusionPipeline
+    try:
+        config = DiffusionPipeline.load_config(model)
+    except Exception as err:  # noqa: BLE001 - hub/cache errors come in many types; the user needs one sentence
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"--model {model}: not a local folder, not in the Hugging Face cache, and the hub could not provide it "
+            f"({reason})."
+        ) from None
+    extra = {}
+    if "safety_checker" in config:
+        extra.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return cls.from_pretrained(model, torch_dtype=dtype, **extra)

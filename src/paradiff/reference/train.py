@@ -1,0 +1,504 @@
+"""Training recipe of the reference models (VAE, then UNet + text encoder, then a few-step distilled UNet).
+
+    python -m paradiff.reference.train --stage vae|unet|fast|all --out DIR --seed S [--smoke]
+
+Stages write into DIR: `vae/` (+ `tokenizer/`), `shapes-sd/` (main pipeline, DDIM), `shapes-sd-fast/` (LCM).
+Data is rendered on the fly on the training device (see data.py), so there is no data loading. On one GPU the
+default step counts take about 15 minutes in all; `--smoke` runs every stage on the CPU with tiny step counts.
+Each stage records command, device, time and metrics in `training.json` (and `TRAINING.md`) next to the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import queue
+import random
+import shlex
+import sys
+import threading
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import build
+from .data import SceneSampler, caption, heldout_set, render
+
+
+# ------------------------------------------------------------------------------------------------ utilities
+
+def _device():
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _autocast(device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def _device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(0)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _progress(step, total, t0, cap_minutes):
+    """Fraction of the stage done: by steps, or by wall time when a time cap is set (whichever is further)."""
+    p = step / max(1, total)
+    if cap_minutes:
+        p = max(p, (time.time() - t0) / (cap_minutes * 60))
+    return min(1.0, p)
+
+
+def _lr_at(step, progress, base, warmup):
+    """Linear warm-up over `warmup` steps, then cosine to 10% of `base` as progress goes to 1."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class Prefetch:
+    """Samples scenes and tokenizes captions in a background thread, so the GPU never waits on Python."""
+
+    def __init__(self, seed, batch, tok, drop_prob=0.0, depth=4):
+        self.sampler = SceneSampler(seed)
+        self.rng = random.Random(seed + 1)
+        self.batch, self.tok, self.drop = batch, tok, drop_prob
+        self.q: queue.Queue = queue.Queue(depth)
+        self.stop = False
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+
+    def _run(self):
+        while not self.stop:
+            scenes = self.sampler.batch(self.batch)
+            caps = ["" if self.rng.random() < self.drop else caption(s) for s in scenes]
+            ids = None
+            if self.tok is not None:
+                ids = self.tok(caps, padding="max_length", max_length=self.tok.model_max_length,
+                               truncation=True, return_tensors="pt").input_ids
+            self.q.put((scenes, caps, ids))
+
+    def get(self):
+        return self.q.get()
+
+    def close(self):
+        self.stop = True
+        try:
+            while True:
+                self.q.get_nowait()
+        except queue.Empty:
+            pass
+
+
+class EMA:
+    def __init__(self, model, decay):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model, step):
+        d = min(self.decay, (1 + step) / (10 + step))
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
+            else:
+                self.shadow[k].copy_(v)
+
+    def copy_to(self, model):
+        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in self.shadow.items()})
+
+
+def _record(folder, stage, args, device, seconds, metrics, extra=None):
+    """Write training.json (merged per stage) and a short TRAINING.md next to the weights."""
+    path = os.path.join(folder, "training.json")
+    info = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            info = json.load(f)
+    info.setdefault("stages", {})[stage] = {
+        "command": "python -m paradiff.reference.train " + " ".join(shlex.quote(a) for a in args.argv),
+        "device": _device_name(device),
+        "torch": torch.__version__,
+        "seconds": round(seconds, 1),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "metrics": metrics,
+        **(extra or {}),
+    }
+    with open(path, "w") as f:
+        json.dump(info, f, indent=2)
+    lines = ["# How these weights were made", "",
+             "Trained by `paradiff.reference.train` (procedural shapes data, see `paradiff/reference/data.py`).", ""]
+    for name, st in info["stages"].items():
+        lines += [f"## stage `{name}`", "", f"- command: `{st['command']}`", f"- device: {st['device']}, torch "
+                  f"{st['torch']}", f"- time: {st['seconds']} s ({st['date']})"]
+        for k, v in st.items():
+            if k not in ("command", "device", "torch", "seconds", "date", "metrics"):
+                lines.append(f"- {k}: {v}")
+        lines += ["- metrics: `" + json.dumps(st["metrics"]) + "`", ""]
+    with open(os.path.join(folder, "TRAINING.md"), "w") as f:
+        f.write("\n".join(lines))
+
+
+# ------------------------------------------------------------------------------------------------ VAE stage
+
+def train_vae(args, device):
+    tok_dir = os.path.join(args.out, "tokenizer")
+    build.write_tokenizer(tok_dir, seed=args.seed)
+    _, _, vae, _ = build.new_components(tok_dir, seed=args.seed)
+    vae.to(device).train()
+    steps = args.vae_steps
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    pf = Prefetch(args.seed + 11, args.vae_batch, None)
+    t0 = time.time()
+    t_start, cap, done = time.time(), args.vae_minutes, 0
+    bar = tqdm(range(steps), desc="vae", mininterval=5)
+    for step in bar:
+        prog = _progress(step, steps, t_start, cap)
+        if prog >= 1.0:
+            print(f"time cap of {cap} min reached at step {step}")
+            break
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, prog, args.vae_lr, min(200, steps // 10 + 1))
+        scenes, _, _ = pf.get()
+        x = render(scenes, device) * 2 - 1
+        with _autocast(device):
+            post = vae.encode(x).latent_dist
+            z = post.sample()
+            rec = vae.decode(z).sample
+        rec = rec.float()
+        l1 = (rec - x).abs().mean()
+        mse = F.mse_loss(rec, x)
+        kl = post.kl().mean() / (4 * 32 * 32)
+        loss = l1 + mse + args.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        done += 1
+        if step % 100 == 0:
+            bar.set_postfix(l1=f"{l1.item():.4f}", kl=f"{kl.item():.2f}")
+    pf.close()
+    vae.eval()
+    # latent scale: make the diffusion latents unit-variance, like SD's 0.18215
+    with torch.no_grad(), _autocast(device):
+        scenes = SceneSampler(args.seed + 99).batch(256 if not args.smoke else 8)
+        x = render(scenes, device) * 2 - 1
+        z = vae.encode(x).latent_dist.mean.float()
+        rec = vae.decode(z).sample.float().clamp(-1, 1)
+        psnr = (10 * torch.log10(4.0 / F.mse_loss(rec, x.float()))).item()
+        std = z.std().item()
+    vae.register_to_config(scaling_factor=round(1.0 / std, 5))
+    out = os.path.join(args.out, "vae")
+    vae.save_pretrained(out, safe_serialization=True)
+    dt = time.time() - t0
+    metrics = {"steps": done, "recon_psnr_db": round(psnr, 2), "latent_std": round(std, 4),
+               "scaling_factor": vae.config.scaling_factor}
+    print("vae done", metrics, f"{dt:.0f}s")
+    _record(out, "vae", args, device, dt, metrics)
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------------ UNet stage
+
+def _noise_schedule(device):
+    sched = build.make_scheduler()
+    return sched, sched.alphas_cumprod.to(device)
+
+
+def _encode_latents(vae, scenes, device):
+    with torch.no_grad(), _autocast(device):
+        x = render(scenes, device) * 2 - 1
+        return vae.encode(x).latent_dist.mean.float() * vae.config.scaling_factor
+
+
+def train_unet(args, device):
+    from diffusers import AutoencoderKL
+
+    tok_dir = os.path.join(args.out, "tokenizer")
+    tok, text, _, unet = build.new_components(tok_dir, seed=args.seed)
+    vae = AutoencoderKL.from_pretrained(os.path.join(args.out, "vae")).to(device).eval()
+    vae.requires_grad_(False)
+    dst = os.path.join(args.out, "shapes-sd")
+    start_step = 0
+    if args.resume and os.path.exists(os.path.join(dst, "model_index.json")):
+        from diffusers import StableDiffusionPipeline
+
+        prev = StableDiffusionPipeline.from_pretrained(dst, torch_dtype=torch.float32)
+        unet.load_state_dict(prev.unet.state_dict())
+        text.load_state_dict(prev.text_encoder.state_dict())
+        print("resumed from", dst)
+    unet.to(device).train()
+    text.to(device).train()
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
+    ema_u, ema_t = EMA(unet, args.ema), EMA(text, args.ema)
+    _, acp = _noise_schedule(device)
+    steps = args.unet_steps
+    pf = Prefetch(args.seed + 22 + 1000 * int(args.resume), args.batch, tok, drop_prob=0.1)
+    gen = torch.Generator(device).manual_seed(args.seed)
+    fwd = unet
+    if args.compile and device.type == "cuda":
+        fwd = torch.compile(unet)
+    compiled_ok = fwd is not unet
+    t0 = time.time()
+    t_start, cap, done = time.time(), args.unet_minutes, 0
+    bar = tqdm(range(steps), desc="unet", mininterval=5)
+    losses = []
+    for step in bar:
+        prog = _progress(step, steps, t_start, cap)
+        if prog >= 1.0:
+            print(f"time cap of {cap} min reached at step {step}")
+            break
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, prog, args.lr, min(300, steps // 10 + 1) if not args.resume else 50)
+        scenes, caps, ids = pf.get()
+        x0 = _encode_latents(vae, scenes, device)
+        ids = ids.to(device, non_blocking=True)
+        b = x0.shape[0]
+        t = torch.randint(0, 1000, (b,), device=device, generator=gen)
+        noise = torch.randn(x0.shape, device=device, generator=gen)
+        a = acp[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        v = a.sqrt() * noise - (1 - a).sqrt() * x0
+        with _autocast(device):
+            emb = text(ids)[0]
+            try:
+                pred = fwd(xt, t, emb).sample
+            except Exception as e:  # torch.compile is optional: fall back to eager on any compile failure
+                if fwd is unet:
+                    raise
+                print("torch.compile failed, running eager:", repr(e)[:300])
+                fwd, compiled_ok = unet, False
+                pred = fwd(xt, t, emb).sample
+        # min-SNR-5 weighting (for v-prediction: min(snr, 5) / (snr + 1)) speeds up convergence
+        snr = a / (1 - a)
+        w = torch.clamp(snr, max=5.0) / (snr + 1)
+        loss = (w * (pred.float() - v) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        done += 1
+        ema_u.update(unet, step)
+        ema_t.update(text, step)
+        losses.append(loss.item() if step % 50 == 0 else None)
+        if step % 200 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    pf.close()
+    train_s = time.time() - t0
+    ema_u.copy_to(unet)
+    ema_t.copy_to(text)
+    unet.eval()
+    text.eval()
+    build.save_pipeline(dst, tok, text.cpu(), vae.cpu(), unet.cpu())
+    metrics = {"steps": done, "batch": args.batch, "final_loss": round(float(loss.item()), 5),
+               "train_seconds": round(train_s, 1), "compiled": compiled_ok}
+    if not args.no_eval:
+        metrics.update(_eval_folder(dst, device, args, fast=False))
+    dt = time.time() - t0
+    print("unet done", metrics, f"{dt:.0f}s")
+    _record(dst, "unet" if not args.resume else "unet_resume", args, device, dt, metrics)
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------------ few-step stage
+
+@torch.no_grad()
+def _teacher_samples(pipe, n, batch, steps, guidance, seed, device, tok):
+    """Teacher (main model, CFG) trajectories: start noise z, final latent x0, token ids, for n train prompts."""
+    sampler = SceneSampler(seed)
+    sched = build.make_scheduler()
+    sched.set_timesteps(steps)
+    gen = torch.Generator(device).manual_seed(seed)
+    zs, x0s, idss = [], [], []
+    empty = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids.to(device)
+    for _ in tqdm(range(0, n, batch), desc="teacher", mininterval=5):
+        caps = [caption(s) for s in sampler.batch(batch)]
+        ids = tok(caps, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(device)
+        with _autocast(device):
+            cond = pipe.text_encoder(ids)[0]
+            unc = pipe.text_encoder(empty)[0].expand_as(cond)
+        emb = torch.cat([unc, cond]).float()
+        z = torch.randn((batch, 4, 32, 32), device=device, generator=gen)
+        x = z
+        for t in sched.timesteps:
+            with _autocast(device):
+                out = pipe.unet(torch.cat([x, x]), t.to(device), emb).sample.float()
+            u, c = out.chunk(2)
+            x = sched.step(u + guidance * (c - u), t, x).prev_sample
+        zs.append(z)
+        x0s.append(x)
+        idss.append(ids)
+    return torch.cat(zs), torch.cat(x0s), torch.cat(idss)
+
+
+def train_fast(args, device):
+    from diffusers import StableDiffusionPipeline
+
+    src = os.path.join(args.out, "shapes-sd")
+    dst = os.path.join(args.out, "shapes-sd-fast")
+    pipe = StableDiffusionPipeline.from_pretrained(src, torch_dtype=torch.float32).to(device)
+    tok, text, unet = pipe.tokenizer, pipe.text_encoder.eval(), pipe.unet.eval()
+    text.requires_grad_(False)
+    t0 = time.time()
+    z, x0, ids = _teacher_samples(pipe, args.teacher_samples, args.teacher_batch, args.teacher_steps,
+                                  args.guidance, args.seed + 33, device, tok)
+    teacher_s = time.time() - t0
+    with torch.no_grad(), _autocast(device):
+        embs = torch.cat([text(ids[i:i + 512])[0] for i in range(0, len(ids), 512)]).float()
+    student = copy.deepcopy(unet).train()
+    student.requires_grad_(True)
+    opt = torch.optim.AdamW(student.parameters(), lr=args.fast_lr, weight_decay=0.0)
+    ema = EMA(student, args.ema)
+    _, acp = _noise_schedule(device)
+    grid = torch.arange(19, 1000, 20, device=device)  # LCMScheduler's 50-step skeleton: 19, 39, ..., 999
+    gen = torch.Generator(device).manual_seed(args.seed + 44)
+    n = len(z)
+    steps = args.fast_steps
+    bar = tqdm(range(steps), desc="fast", mininterval=5)
+    t1 = t_start = time.time()
+    cap, done = args.fast_minutes, 0
+    for step in bar:
+        prog = _progress(step, steps, t_start, cap)
+        if prog >= 1.0:
+            print(f"time cap of {cap} min reached at step {step}")
+            break
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, prog, args.fast_lr, min(100, steps // 10 + 1))
+        idx = torch.randint(0, n, (args.batch,), device=device, generator=gen)
+        tx0, tz, temb = x0[idx], z[idx], embs[idx]
+        # half the batch at t=999 from the teacher's own start noise (the 1-step map), half at other grid steps
+        # with fresh noise (the denoiser used by steps 2-4 and by img2img streaming)
+        first = torch.rand(args.batch, device=device, generator=gen) < 0.5
+        t = torch.where(first, torch.full_like(idx, 999), grid[torch.randint(0, 50, (args.batch,), device=device,
+                                                                              generator=gen)])
+        a = acp[t].view(-1, 1, 1, 1)
+        fresh = torch.randn(tx0.shape, device=device, generator=gen)
+        xt = torch.where(first.view(-1, 1, 1, 1), tz, a.sqrt() * tx0 + (1 - a).sqrt() * fresh)
+        with _autocast(device):
+            v = student(xt, t, temb).sample.float()
+        x0_pred = a.sqrt() * xt - (1 - a).sqrt() * v
+        loss = F.mse_loss(x0_pred, tx0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        done += 1
+        ema.update(student, step)
+        if step % 200 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    train_s = time.time() - t1
+    ema.copy_to(student)
+    student.eval()
+    build.save_pipeline(dst, tok, text.cpu(), pipe.vae.cpu(), student.cpu(), fast=True)
+    metrics = {"steps": done, "batch": args.batch, "teacher_samples": n, "teacher_seconds": round(teacher_s, 1),
+               "train_seconds": round(train_s, 1), "final_loss": round(float(loss.item()), 5),
+               "guidance_baked": args.guidance}
+    if not args.no_eval:
+        metrics.update(_eval_folder(dst, device, args, fast=True))
+    dt = time.time() - t0
+    print("fast done", metrics, f"{dt:.0f}s")
+    _record(dst, "fast", args, device, dt, metrics)
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+@torch.no_grad()
+def _eval_folder(folder, device, args, fast):
+    """Prompt adherence of the saved pipeline on the held-out prompts (the checker decides from pixels)."""
+    from diffusers import StableDiffusionPipeline
+
+    from .checker import check
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = heldout_set(args.eval_prompts)
+    out = {}
+    settings = [(s, 1.0) for s in (1, 2, 4)] if fast else [(25, g) for g in args.eval_guidance]
+    for steps, g in settings:
+        ok = 0
+        for i in range(0, len(prompts), 64):
+            chunk = prompts[i:i + 64]
+            gens = [torch.Generator("cpu").manual_seed(s) for _, s in chunk]
+            imgs = pipe([c for c, _ in chunk], num_inference_steps=steps, guidance_scale=g, generator=gens,
+                        output_type="np").images
+            for (c, _), im in zip(chunk, imgs):
+                ok += check((im * 255 + 0.5).clip(0, 255).astype("uint8"), c).matched
+        key = f"adherence_{steps}step" + ("" if fast else f"_cfg{g:g}")
+        out[key] = round(ok / len(prompts), 4)
+        print(folder, key, out[key])
+    pipe.to("cpu")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", choices=["vae", "unet", "fast", "all"], required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="tiny step counts on the CPU, for tests")
+    p.add_argument("--resume", action="store_true", help="unet stage: continue from OUT/shapes-sd")
+    p.add_argument("--vae-steps", type=int, default=2500)
+    p.add_argument("--vae-batch", type=int, default=64)
+    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--kl-weight", type=float, default=1e-6)
+    p.add_argument("--unet-steps", type=int, default=8000)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--fast-steps", type=int, default=3000)
+    p.add_argument("--fast-lr", type=float, default=1e-4)
+    p.add_argument("--teacher-samples", type=int, default=8192)
+    p.add_argument("--teacher-batch", type=int, default=512)
+    p.add_argument("--teacher-steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=5.0, help="CFG scale baked into the fast model")
+    p.add_argument("--eval-prompts", type=int, default=64)
+    p.add_argument("--eval-guidance", type=float, nargs="+", default=[5.0])
+    p.add_argument("--no-eval", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (GPU)")
+    for st in ("vae", "unet", "fast"):
+        p.add_argument(f"--{st}-minutes", type=float, default=0.0,
+                       help=f"wall-time budget of the {st} stage: the LR schedule ends and training stops there")
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.smoke:
+        args.vae_steps, args.vae_batch, args.unet_steps, args.batch = 3, 2, 3, 2
+        args.fast_steps, args.teacher_samples, args.teacher_batch, args.teacher_steps = 2, 4, 2, 2
+        args.eval_prompts, args.no_eval = 2, False
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    device = _device()
+    if args.smoke:
+        device = torch.device("cpu")
+    os.makedirs(args.out, exist_ok=True)
+    stages = ["vae", "unet", "fast"] if args.stage == "all" else [args.stage]
+    results = {}
+    for st in stages:
+        results[st] = {"vae": train_vae, "unet": train_unet, "fast": train_fast}[st](args, device)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -14,3 +14,13 @@ def _fresh_runtime():
 
     yield
     runtime.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory):
+    """A tiny random SD pipeline written with save_pretrained: a real folder for the real loading code."""
+    from tiny import tiny_sd_pipeline
+
+    path = tmp_path_factory.mktemp("tiny-sd")
+    tiny_sd_pipeline().save_pretrained(path)
+    return path

@@ -43,8 +43,23 @@ def _is_collective_failure(err: BaseException) -> bool:
     return any(s in text for s in ("Timed out", "timed out", "Connection closed by peer", "Connection reset", "NCCL"))
 
 
+def _quiet_libraries() -> None:
+    """diffusers/transformers warn about things a CLI user cannot act on; PARADIFF_VERBOSE=1 keeps them."""
+    import os
+
+    if os.environ.get("PARADIFF_VERBOSE"):
+        return
+    for name in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
+        os.environ.setdefault(name, "error")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", module="huggingface_hub")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
     from paradiff import launch, runtime

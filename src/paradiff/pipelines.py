@@ -34,6 +34,40 @@ def _looks_like_path(model: str) -> bool:
     return model.startswith((".", "/", "~")) or os.sep in model.strip("/").replace("/", "", 1) or model.count("/") > 1
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP probe of the hub endpoint, so an offline machine fails in seconds, not after a minute of retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _load_config(model: str) -> dict:
+    from diffusers import DiffusionPipeline
+
+    try:
+        return DiffusionPipeline.load_config(model, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not cached: try the hub below
+        pass
+    if not hub_reachable():
+        raise UserError(f"--model {model}: not a local folder, not in the Hugging Face cache, and the hub cannot be "
+                        "reached from this machine (offline). Give a local diffusers folder.")
+    try:
+        return DiffusionPipeline.load_config(model)
+    except Exception as err:  # noqa: BLE001 - hub errors come in many types; the user needs one sentence
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise UserError(f"--model {model}: the hub could not provide it ({reason}).") from None
+
+
 def load_pipeline(model: str | None = None, *, dtype: Any = None, pipeline_class: Any = None):
     """`DiffusionPipeline.from_pretrained` on `model` (default: the reference model), safety checker off."""
     from diffusers import DiffusionPipeline
@@ -51,14 +85,7 @@ def load_pipeline(model: str | None = None, *, dtype: Any = None, pipeline_class
     elif _looks_like_path(model):
         raise UserError(f"--model {model}: no such folder.")
     cls = pipeline_class or DiffusionPipeline
-    try:
-        config = DiffusionPipeline.load_config(model)
-    except Exception as err:  # noqa: BLE001 - hub/cache errors come in many types; the user needs one sentence
-        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise UserError(
-            f"--model {model}: not a local folder, not in the Hugging Face cache, and the hub could not provide it "
-            f"({reason})."
-        ) from None
+    config = _load_config(model)
     extra = {}
     if "safety_checker" in config:
         extra.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)

@@ -51,13 +51,15 @@ def _read_config(arch: str, subfolder: str | None, filename: str = "config.json"
         return json.loads(path.read_text())
     from huggingface_hub import hf_hub_download
 
+    from paradiff.pipelines import hub_reachable
+
+    known = ", ".join(SHIPPED)
     try:
-        local = hf_hub_download(root, filename, subfolder=subfolder)
+        local = hf_hub_download(root, filename, subfolder=subfolder, local_files_only=not hub_reachable())
     except Exception as err:  # noqa: BLE001
-        known = ", ".join(SHIPPED)
         raise UserError(
-            f"--arch {arch}: not a shipped architecture ({known}), not a local folder, and its config could not be "
-            f"fetched from the hub ({type(err).__name__})."
+            f"--arch {arch}: not a shipped architecture ({known}), not a local folder, and its config is neither "
+            f"cached nor reachable on the hub ({type(err).__name__})."
         ) from None
     return json.loads(Path(local).read_text())
 

@@ -1,0 +1,261 @@
+"""Benchmark harness: per-step denoiser latency and end-to-end pipeline latency, eager vs compiled, same run.
+
+Speed claims are ratios against the strongest single-device baseline a user has: the same model compiled with
+`torch.compile(mode="reduce-overhead")` (CUDA graphs). Timings use CUDA events on a GPU (host clock on the CPU),
+after warm-up; we report median/min/max over the runs and the peak memory of each variant.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from paradiff.errors import UserError
+
+COMPILE_MODES = ("reduce-overhead", "default")
+
+
+@dataclass
+class Row:
+    """One measured variant."""
+
+    what: str  # "step" (one denoiser call) or "e2e" (whole pipeline call)
+    variant: str  # e.g. "eager", "compiled", "patch x2"
+    median_ms: float
+    min_ms: float
+    max_ms: float
+    runs: int
+    peak_memory_mb: float | None
+    extra: dict = field(default_factory=dict)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn: Callable[[], Any], device: torch.device, runs: int, warmup: int) -> list[float]:
+    """Milliseconds of each of `runs` calls of `fn`, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(runs):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_mb(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+def _row(what: str, variant: str, times: list[float], device: torch.device, **extra) -> Row:
+    return Row(what, variant, statistics.median(times), min(times), max(times), len(times), _peak_mb(device), extra)
+
+
+def compile_model(model: torch.nn.Module, mode: str = "reduce-overhead") -> torch.nn.Module:
+    """The compiled baseline; max-autotune is refused (it takes over 8 minutes on an SDXL UNet)."""
+    if mode not in COMPILE_MODES:
+        raise UserError(f"compile mode {mode!r} is not offered; use one of {', '.join(COMPILE_MODES)}.")
+    return torch.compile(model, mode=mode)
+
+
+def denoiser_inputs(model: torch.nn.Module, batch: int, height: int, width: int, *, dtype, device, seed: int = 0):
+    """Random inputs of the right shapes for one denoiser call (UNet2DConditionModel or SD3-style transformer)."""
+    config = model.config
+    generator = torch.Generator("cpu").manual_seed(seed)
+    scale = 8  # VAE downsampling of every SD-family pipeline
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
+
+    latent = randn(batch, config.in_channels, height // scale, width // scale)
+    timestep = torch.full((batch,), 500, device=device, dtype=torch.long)
+    if hasattr(config, "cross_attention_dim") and "UNet" in type(model).__name__:
+        cross = config.cross_attention_dim
+        cross = cross[0] if isinstance(cross, (list, tuple)) else cross
+        kwargs: dict[str, Any] = {"encoder_hidden_states": randn(batch, 77, cross)}
+        if config.addition_embed_type == "text_time":
+            text_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+            kwargs["added_cond_kwargs"] = {"text_embeds": randn(batch, text_dim),
+                                           "time_ids": torch.tensor([[height, width, 0, 0, height, width]] * batch,
+                                                                    device=device, dtype=dtype)}
+        return (latent, timestep), kwargs
+    if hasattr(config, "joint_attention_dim"):
+        kwargs = {"encoder_hidden_states": randn(batch, 154, config.joint_attention_dim),
+                  "pooled_projections": randn(batch, config.pooled_projection_dim), "timestep": timestep}
+        return (latent,), kwargs
+    raise UserError(f"bench does not know the inputs of {type(model).__name__} yet.")
+
+
+def bench_denoiser(model: torch.nn.Module, *, batch: int, height: int, width: int, dtype, device, variants,
+                   runs: int, warmup: int, compile_mode: str = "reduce-overhead") -> list[Row]:
+    """Per-step latency of one denoiser call, for each variant in `variants` ("eager", "compiled")."""
+    args, kwargs = denoiser_inputs(model, batch, height, width, dtype=dtype, device=device)
+    rows = []
+    for variant in variants:
+        runner = model if variant == "eager" else compile_model(model, compile_mode)
+        _reset_peak(device)
+        with torch.inference_mode():
+            times = time_calls(lambda: runner(*args, **kwargs, return_dict=False), device, runs,
+                               warmup if variant == "eager" else max(warmup, 3))
+        rows.append(_row("step", variant, times, device, batch=batch))
+    return rows
+
+
+class StepTimer:
+    """Times every denoiser call inside a real pipeline run with forward hooks (CUDA events), i.e. per step."""
+
+    def __init__(self, module: torch.nn.Module, device: torch.device):
+        self.device = device
+        self.pending: list = []
+        self._handles = [module.register_forward_pre_hook(self._pre), module.register_forward_hook(self._post)]
+
+    def _pre(self, *_):
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+        else:
+            event = time.perf_counter()
+        self.pending.append([event, None])
+
+    def _post(self, *_):
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+        else:
+            event = time.perf_counter()
+        self.pending[-1][1] = event
+
+    def take(self) -> list[float]:
+        _sync(self.device)
+        if self.device.type == "cuda":
+            out = [start.elapsed_time(end) for start, end in self.pending]
+        else:
+            out = [(end - start) * 1e3 for start, end in self.pending]
+        self.pending = []
+        return out
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def bench_pipeline(pipe, *, variant: str, prompt: str, steps: int, height: int, width: int, guidance: float | None,
+                   device, runs: int, warmup: int, skip_steps: int = 0) -> list[Row]:
+    """End-to-end latency of `pipe(prompt)` and the per-step latency of its denoiser calls inside the loop.
+
+    `skip_steps` leaves the first steps of each run out of the per-step figure (e.g. a method's synchronous
+    warm-up), so the steady state is reported; the end-to-end figure always includes everything.
+    """
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer")
+    timer = StepTimer(denoiser, device)
+    kwargs: dict[str, Any] = {"num_inference_steps": steps, "height": height, "width": width, "output_type": "pil"}
+    if guidance is not None:
+        kwargs["guidance_scale"] = guidance
+
+    def call():
+        return pipe(prompt, generator=torch.Generator("cpu").manual_seed(0), **kwargs)
+
+    _reset_peak(device)
+    step_times: list[float] = []
+    with torch.inference_mode():
+        for _ in range(warmup):
+            call()
+        timer.take()
+        e2e = []
+        for _ in range(runs):
+            e2e += time_calls(call, device, 1, 0)
+            step_times += timer.take()[skip_steps:]
+    timer.remove()
+    rows = [_row("e2e", variant, e2e, device, steps=steps)]
+    if step_times:
+        rows.append(_row("step", variant, step_times, device, steps_counted=len(step_times)))
+    return rows
+
+
+def environment(device: torch.device) -> dict:
+    """Device, versions, command and date: what a result in benchmarks/results/ must say about itself."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                timeout=5, cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["paradiff", *sys.argv[1:]]) if Path(sys.argv[0]).name in ("paradiff", "__main__.py")
+        else " ".join(sys.argv),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "diffusers": v("diffusers"),
+        "transformers": v("transformers"),
+        "paradiff": v("paradiff"),
+        "git_commit": commit,
+    }
+    if device.type == "cuda" and torch.distributed.is_available() and torch.cuda.is_available():
+        env["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+    return env
+
+
+def speedups(rows: list[Row], baseline: str = "compiled") -> dict[str, float]:
+    """Ratio baseline/variant of the median, per (what, variant); >1 means faster than the compiled baseline."""
+    base = {r.what: r.median_ms for r in rows if r.variant == baseline}
+    return {f"{r.what}:{r.variant}": base[r.what] / r.median_ms for r in rows if r.what in base and r.median_ms > 0}
+
+
+def table(rows: list[Row], baseline: str = "compiled") -> str:
+    ratios = speedups(rows, baseline)
+    lines = ["| what | variant | median ms | min ms | max ms | runs | peak MiB | vs compiled |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ratio = ratios.get(f"{r.what}:{r.variant}")
+        lines.append(f"| {r.what} | {r.variant} | {r.median_ms:.2f} | {r.min_ms:.2f} | {r.max_ms:.2f} | {r.runs} | "
+                     f"{'' if r.peak_memory_mb is None else f'{r.peak_memory_mb:.0f}'} | "
+                     f"{'' if ratio is None else f'{ratio:.2f}x'} |")
+    return "\n".join(lines)
+
+
+def write_results(path: str | Path, rows: list[Row], meta: dict) -> None:
+    """JSON (rows + environment + ratios) at `path`, and the same table as markdown beside it (`.md`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {**meta, "rows": [asdict(r) for r in rows], "speedup_vs_compiled": speedups(rows)}
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    header = "\n".join(f"- {k}: {v}" for k, v in meta.items() if not isinstance(v, (dict, list)))
+    path.with_suffix(".md").write_text(f"{header}\n\n{table(rows)}\n")

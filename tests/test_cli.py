@@ -1,0 +1,48 @@
+"""The CLI: user mistakes give one clear line and a non-zero exit, never a traceback; generate writes an image."""
+
+import pytest
+from PIL import Image
+
+from cli_utils import run_cli
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "x", "--size", "100"], "multiples of 8"),
+        (["generate", "x", "--size", "64x0"], "multiples of 8"),
+        (["generate", "x", "--steps", "-3"], "must be 1 or more"),
+        (["generate", "x", "--model", "/no/such/folder"], "no such folder"),
+        (["generate", "x", "--model", "someone/not-cached-model"], "cannot be reached"),
+        (["generate", "x", "--nproc", "2"], "needs a parallel --method"),
+        (["generate", "x", "--warmup-steps", "2"], "needs a parallel --method"),
+        (["bench", "--arch", "someone/unknown-arch"], "not a shipped architecture"),
+    ],
+)
+def test_user_mistakes_give_one_clear_line(args, message):
+    proc, _ = run_cli(*args, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_folder_without_model_index(tmp_path):
+    proc, _ = run_cli("generate", "x", "--model", str(tmp_path))
+    assert proc.returncode == 2
+    assert "model_index.json" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_generate_on_a_saved_pipeline_folder(tiny_pipeline_dir, tmp_path):
+    out = tmp_path / "out.png"
+    proc, _ = run_cli("generate", "a red circle", "--model", str(tiny_pipeline_dir), "--steps", "2",
+                      "--size", "48x64", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert Image.open(out).size == (64, 48)
+    assert "wrote" in proc.stdout
+
+
+def test_info_lists_versions_and_backends():
+    proc, _ = run_cli("info")
+    assert proc.returncode == 0, proc.stderr
+    for key in ("torch", "diffusers", "gloo", "ranks"):
+        assert key in proc.stdout

@@ -1,0 +1,44 @@
+"""The launcher starts N ranks itself; a dead or stuck rank ends the whole job with a clear message in < 60 s."""
+
+import pytest
+
+from cli_utils import run_cli
+
+
+def test_two_ranks_all_reduce():
+    proc, _ = run_cli("info", "--check", "--nproc", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert "all-reduce over 2 rank(s): OK" in proc.stdout
+    assert "(backend gloo" in proc.stdout
+
+
+def test_a_dead_rank_ends_the_job():
+    proc, seconds = run_cli("info", "--check", "--nproc", "2", "--fault-rank", "1", "--fault", "die")
+    assert proc.returncode == 1
+    assert "rank 1 failed (exit code 17, first to fail)" in proc.stderr
+    assert seconds < 60
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_stuck_rank_ends_the_job_within_a_minute_at_default_timeout():
+    proc, seconds = run_cli("info", "--check", "--nproc", "2", "--fault-rank", "1", "--fault", "hang", timeout=120)
+    assert proc.returncode == 1
+    assert "rank 0: a collective failed" in proc.stderr
+    assert "the job was stopped" in proc.stderr
+    assert seconds < 60, f"took {seconds:.0f} s"
+    assert "Traceback" not in proc.stderr
+
+
+def test_timeout_is_configurable():
+    proc, seconds = run_cli("info", "--check", "--nproc", "2", "--fault-rank", "0", "--fault", "hang",
+                            env={"PARADIFF_TIMEOUT": "5"})
+    assert proc.returncode == 1
+    assert "rank 1: a collective failed" in proc.stderr and "(timeout 5 s)" in proc.stderr
+    assert seconds < 40
+
+
+def test_bad_timeout_value():
+    proc, _ = run_cli("info", "--check", "--nproc", "2", env={"PARADIFF_TIMEOUT": "soon"})
+    assert proc.returncode != 0
+    assert "PARADIFF_TIMEOUT must be a number" in proc.stderr

@@ -1,0 +1,314 @@
+"""`StreamPipeline`: real-time img2img / txt2img on one GPU with StreamDiffusion's stream batch and residual CFG.
+
+Stream batch: with k = len(t_index_list) steps, one batched UNet call advances k frames at once, each at a
+different step: the frame that just arrived is noised to the first timestep, the frames of the last k-1 calls sit
+in a buffer at the later timesteps, and the oldest leaves fully denoised. So the output of call i is the input of
+call i-(k-1): a lag of k-1 frames (times `frame_buffer_size` frames per call). Without a warm start the buffer
+starts empty and the first k-1 outputs are meaningless (brown/blank); with `warm_start=True` (default) the first
+call runs k-1 extra steps on its own frame, so every output is a fully denoised frame from the first one on.
+
+Everything a step needs (prompt embeddings, per-row timesteps, alpha/beta, LCM c_skip/c_out, the fixed noise) is
+put on the device in `prepare()`, and the step reads and updates only static buffers, so on a GPU the whole step
+(uint8 frame in -> encode -> UNet -> decode -> uint8 frame out) is one CUDA-graph replay (see `engine.py`).
+The diffusers pipeline and its modules are used as they are; nothing in them is changed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from paradiff.errors import UserError
+from paradiff.stream import frames as frames_mod
+from paradiff.stream.engine import GraphStep
+from paradiff.stream.guidance import check_mode, combine, virtual_residual
+from paradiff.stream.schedule import build_schedule, denoise, to_epsilon
+from paradiff.stream.similarity import SimilarityFilter
+
+
+def _rows(values: torch.Tensor, per: int) -> torch.Tensor:
+    """Per-step values -> per-batch-row values shaped (rows, 1, 1, 1) (row = step * per + frame)."""
+    return values.repeat_interleave(per).view(-1, 1, 1, 1)
+
+
+class StreamPipeline:
+    """Wraps a StableDiffusionPipeline-family `pipe` (SD 1.x/2.x, SD-Turbo, LCM) for frame-by-frame generation.
+
+    stream = StreamPipeline(pipe, t_index_list=[32, 45], guidance="self")
+    stream.prepare("a watercolor portrait", guidance_scale=1.2)
+    out = stream(frame)            # uint8 HxWx3 in (PIL, numpy or torch), same kind out
+    """
+
+    def __init__(
+        self,
+        pipe: Any,
+        t_index_list: Sequence[int] = (32, 45),
+        guidance: str = "none",
+        delta: float = 1.0,
+        frame_buffer_size: int = 1,
+        similarity_filter: float | None = None,
+        max_skip_frames: int = 10,
+        tiny_vae: Any = None,
+        *,
+        num_inference_steps: int = 50,
+        height: int | None = None,
+        width: int | None = None,
+        warm_start: bool = True,
+        cuda_graph: bool | None = None,
+        compile: bool = False,
+    ):
+        for part in ("unet", "vae", "scheduler", "encode_prompt"):
+            if getattr(pipe, part, None) is None:
+                raise UserError(f"StreamPipeline needs a StableDiffusionPipeline-like pipe; this one has no {part}.")
+        unet = pipe.unet
+        if unet.config.get("addition_embed_type") is not None:
+            raise UserError(
+                f"{type(pipe).__name__} needs added conditioning ({unet.config.addition_embed_type}); StreamPipeline "
+                "supports SD 1.x/2.x-style pipelines (SD 1.5, 2.1, SD-Turbo, LCM), not SDXL yet."
+            )
+        if not isinstance(frame_buffer_size, int) or frame_buffer_size < 1:
+            raise UserError(f"frame_buffer_size must be a whole number >= 1, got {frame_buffer_size!r}.")
+        self.pipe = pipe
+        self.guidance = check_mode(guidance)
+        self.delta = float(delta)
+        self.frame_buffer_size = f = frame_buffer_size
+        self.device = unet.device
+        self.dtype = unet.dtype
+        self.vae = tiny_vae if tiny_vae is not None else pipe.vae
+        self.tiny = tiny_vae is not None or type(self.vae).__name__ == "AutoencoderTiny"
+        if tiny_vae is not None:
+            tiny_vae.to(self.device)
+        if self.vae.config.latent_channels != unet.config.in_channels:
+            raise UserError(
+                f"the VAE makes {self.vae.config.latent_channels}-channel latents but the UNet takes "
+                f"{unet.config.in_channels}; use a VAE of the same family (TAESD for SD 1.x/2.x)."
+            )
+        self.vae_dtype = next(self.vae.parameters()).dtype
+        scale = int(getattr(pipe, "vae_scale_factor", 8))
+        self.height = height or unet.config.sample_size * scale
+        self.width = width or unet.config.sample_size * scale
+        for name, side in (("height", self.height), ("width", self.width)):
+            if side % 8 or side <= 0:
+                raise UserError(f"{name} must be a positive multiple of 8, got {side}.")
+        self.latent_shape = (unet.config.in_channels, self.height // scale, self.width // scale)
+        self.t_index_list = list(t_index_list)
+        self.schedule = build_schedule(pipe.scheduler, self.t_index_list, num_inference_steps, self.device, self.dtype)
+        self.steps = k = self.schedule.steps
+        self.batch = k * f
+        self.warm_start = warm_start
+        self.filter = None
+        if similarity_filter is not None:
+            self.filter = SimilarityFilter(similarity_filter, max_skip_frames, (f, 3, self.height, self.width),
+                                           self.device)
+        use_graph = self.device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
+        if use_graph and self.device.type != "cuda":
+            raise UserError("cuda_graph=True needs the pipeline on a CUDA device.")
+        self._unet = torch.compile(unet) if compile else unet
+        self._encode = torch.compile(self._encode_impl) if compile else self._encode_impl
+        self._decode = torch.compile(self._decode_impl) if compile else self._decode_impl
+        s = self.schedule
+        self._a, self._b = _rows(s.alpha, f), _rows(s.beta, f)
+        self._cskip, self._cout = _rows(s.c_skip, f), _rows(s.c_out, f)
+        t = s.timesteps.repeat_interleave(f)
+        self._t_unet = {"none": t, "self": t, "full": torch.cat([t, t]), "initialize": torch.cat([t[:f], t])}[guidance]
+        self._img2img = GraphStep(self._img2img_step, self._state, use_graph)
+        self._txt2img = GraphStep(self._txt2img_step, self._state, use_graph)
+        self._prepared = False
+        self.prompt: list[str] = []
+        self.negative_prompt: list[str] = []
+
+    # ----------------------------------------------------------------------------------------------- set up
+    @torch.no_grad()
+    def prepare(self, prompt: str | list[str], negative_prompt: str | list[str] = "", guidance_scale: float = 1.2,
+                seed: int = 2) -> None:
+        """Encode the prompt(s), draw the fixed noise, and empty the stream (the next call warm-starts).
+
+        A list of prompts gives one prompt per frame of the buffer (length 1 or `frame_buffer_size`)."""
+        f, k, (c, h, w) = self.frame_buffer_size, self.steps, self.latent_shape
+        gen = torch.Generator("cpu").manual_seed(int(seed))
+        self._noise = torch.randn((self.batch, c, h, w), generator=gen).to(self.device, self.dtype)
+        self._lat = torch.zeros(((k - 1) * f, c, h, w), device=self.device, dtype=self.dtype)
+        self._neg = torch.zeros_like(self._lat)
+        self._in = torch.zeros((f, self.height, self.width, 3), device=self.device, dtype=torch.uint8)
+        self._out = torch.zeros_like(self._in)
+        self._scale = torch.tensor(float(guidance_scale), device=self.device, dtype=self.dtype)
+        self._filter_on = torch.ones((), dtype=torch.bool, device=self.device)
+        self._emb = None
+        self.prompt, self.negative_prompt = [], []
+        self.update_prompt(prompt, negative_prompt)
+        self._img2img.reset()
+        self._txt2img.reset()
+        self._primed = False
+        self._prepared = True
+
+    def _prompt_list(self, prompt: Any, what: str) -> list[str]:
+        f = self.frame_buffer_size
+        items = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
+        if items is None or any(not isinstance(p, str) for p in items):
+            raise UserError(f"{what} must be a string or a list of strings, got {type(prompt).__name__}.")
+        if not items:
+            raise UserError(f"{what} is an empty list; give one string, or one per frame ({f}).")
+        if len(items) not in (1, f):
+            raise UserError(f"{what} has {len(items)} entries; give 1, or one per frame of the buffer ({f}).")
+        return items
+
+    @torch.no_grad()
+    def update_prompt(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None) -> None:
+        """Change the prompt (and optionally the negative prompt) of a running stream, in place.
+
+        The negative embeddings are kept unless a new negative prompt is given, so full/onetime CFG keeps
+        guiding against the same negative; the stream's frames in flight continue with the new prompt."""
+        prompts = self._prompt_list(prompt, "prompt")
+        negatives = self.negative_prompt or [""]
+        if negative_prompt is not None:
+            negatives = self._prompt_list(negative_prompt, "negative_prompt")
+        f, k = self.frame_buffer_size, self.steps
+        needs_negative = self.guidance in ("full", "initialize")
+        cond, uncond = self.pipe.encode_prompt(
+            prompts, self.device, 1, needs_negative,
+            negative_prompt=(negatives * len(prompts) if len(negatives) == 1 else negatives) if needs_negative else None,
+        )
+
+        def per_frame(e: torch.Tensor) -> torch.Tensor:  # (1 or f, L, D) -> (f, L, D)
+            return e.expand(f, -1, -1) if e.shape[0] == 1 else e
+
+        cond_rows = per_frame(cond).repeat(k, 1, 1)
+        if self.guidance == "full":
+            emb = torch.cat([per_frame(uncond).repeat(k, 1, 1), cond_rows])
+        elif self.guidance == "initialize":
+            emb = torch.cat([per_frame(uncond), cond_rows])
+        else:
+            emb = cond_rows
+        emb = emb.to(self.dtype)
+        if self._emb is None or self._emb.shape != emb.shape:
+            self._emb = emb.contiguous()
+            self._img2img.reset()
+            self._txt2img.reset()
+        else:
+            self._emb.copy_(emb)  # in place: captured graphs read the new prompt
+        self.prompt, self.negative_prompt = prompts, negatives
+
+    def set_guidance_scale(self, scale: float) -> None:
+        self._check_prepared()
+        self._scale.fill_(float(scale))
+
+    def reset(self) -> None:
+        """Empty the stream (next call warm-starts again) and the similarity filter's memory."""
+        self._check_prepared()
+        self._lat.zero_()
+        self._neg.zero_()
+        if self.filter is not None:
+            for t in self.filter.state().values():
+                if t is not self.filter.uniforms:
+                    t.zero_()
+        self._primed = False
+
+    # ------------------------------------------------------------------------------------------------- run
+    @torch.no_grad()
+    def __call__(self, frames: Any) -> Any:
+        """img2img: `frame_buffer_size` uint8 HxWx3 frames in, as many out (the frames of k-1 calls ago)."""
+        self._check_prepared()
+        batch, kind, single = frames_mod.to_batch(frames, self.frame_buffer_size, self.height, self.width)
+        self._in.copy_(batch, non_blocking=True)
+        out = self._run(self._img2img)
+        return frames_mod.from_batch(out, kind, single)
+
+    @torch.no_grad()
+    def txt2img(self, batch: int | None = None) -> torch.Tensor:
+        """txt2img from the stream's fixed noise: a uint8 (batch, H, W, 3) device tensor per call.
+
+        The batch is static (`frame_buffer_size`), so the step can be a CUDA graph; change the prompt with
+        `update_prompt` to change the images."""
+        self._check_prepared()
+        if batch is not None and batch != self.frame_buffer_size:
+            raise UserError(f"txt2img batch {batch} differs from frame_buffer_size={self.frame_buffer_size}; "
+                            f"build the stream with frame_buffer_size={batch}.")
+        return self._run(self._txt2img)
+
+    def _run(self, step: GraphStep) -> torch.Tensor:
+        if not self._primed:
+            if self.warm_start and self.steps > 1:
+                self._filter_on.fill_(False)
+                for _ in range(self.steps - 1):
+                    step()
+                self._filter_on.fill_(True)
+            self._primed = True
+        return step()
+
+    def stats(self) -> dict[str, int]:
+        """Similarity-filter counters (frames seen/skipped); one host sync."""
+        return self.filter.stats() if self.filter is not None else {"frames": 0, "skipped": 0}
+
+    def _check_prepared(self) -> None:
+        if not self._prepared:
+            raise UserError("call stream.prepare(prompt) before generating frames.")
+
+    # --------------------------------------------------------------------------------------- the step itself
+    def _state(self) -> list[torch.Tensor]:
+        state = [self._lat, self._neg, self._out]
+        if self.filter is not None:
+            state += [t for t in self.filter.state().values()]
+        return state
+
+    def _encode_impl(self, images: torch.Tensor) -> torch.Tensor:
+        if self.tiny:
+            return self.vae.encode(images).latents * self.vae.config.scaling_factor
+        return self.vae.encode(images).latent_dist.mode() * self.vae.config.scaling_factor
+
+    def _decode_impl(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+
+    def _img2img_step(self) -> torch.Tensor:
+        f = self.frame_buffer_size
+        images = self._in.permute(0, 3, 1, 2).to(self.vae_dtype) / 127.5 - 1
+        skip = None
+        if self.filter is not None:
+            skip = self.filter.decide(images, self._filter_on)
+        x0_in = self._encode(images).to(self.dtype)
+        x_new = self._a[:f] * x0_in + self._b[:f] * self._noise[:f]
+        return self._advance(x_new, x0_in, skip)
+
+    def _txt2img_step(self) -> torch.Tensor:
+        f = self.frame_buffer_size
+        x_new = self._noise[:f]
+        return self._advance(x_new, torch.zeros_like(x_new), None)
+
+    def _predict(self, x: torch.Tensor, x_new: torch.Tensor, x0_in: torch.Tensor, x_neg_old: torch.Tensor):
+        """Guided noise prediction for the whole stream batch, and the negative latents of the rows (RCFG)."""
+        f, a, b, kind = self.frame_buffer_size, self._a, self._b, self.schedule.prediction_type
+        mode = self.guidance
+        if mode == "full":
+            out = self._unet(torch.cat([x, x]), self._t_unet, encoder_hidden_states=self._emb, return_dict=False)[0]
+            eps_u, eps_c = to_epsilon(out[: self.batch], x, a, b, kind), to_epsilon(out[self.batch:], x, a, b, kind)
+            return combine(eps_c, eps_u, self._scale), None
+        if mode == "initialize":
+            out = self._unet(torch.cat([x[:f], x]), self._t_unet, encoder_hidden_states=self._emb,
+                             return_dict=False)[0]
+            eps_u0 = to_epsilon(out[:f], x_new, a[:f], b[:f], kind)
+            eps_c = to_epsilon(out[f:], x, a, b, kind)
+            neg_new = (x_new - b[:f] * eps_u0) / a[:f]  # x0 predicted from the negative prompt at the first step
+        else:
+            out = self._unet(x, self._t_unet, encoder_hidden_states=self._emb, return_dict=False)[0]
+            eps_c = to_epsilon(out, x, a, b, kind)
+            if mode == "none":
+                return eps_c, None
+            neg_new = x0_in  # self-negative: the input frame itself
+        x_neg = torch.cat([neg_new, x_neg_old])
+        eps_u = self.delta * virtual_residual(x, x_neg, a, b)
+        return combine(eps_c, eps_u, self._scale), x_neg
+
+    def _advance(self, x_new: torch.Tensor, x0_in: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
+        f = self.frame_buffer_size
+        x = torch.cat([x_new, self._lat])
+        eps, x_neg = self._predict(x, x_new, x0_in, self._neg)
+        x0 = denoise(x, eps, self._a, self._b, self._cskip, self._cout)
+        new_lat = self._a[f:] * x0[:-f] + self._b[f:] * self._noise[f:]  # re-noise each frame to its next step
+        images = self._decode(x0[-f:].to(self.vae_dtype))
+        pixels = ((images.float() + 1) * 127.5).clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+        keep = (lambda old, new: new) if skip is None else (lambda old, new: torch.where(skip, old, new))
+        self._lat.copy_(keep(self._lat, new_lat))
+        if x_neg is not None:
+            self._neg.copy_(keep(self._neg, x_neg[:-f]))
+        self._out.copy_(keep(self._out, pixels))
+        return self._out

@@ -1,71 +1,8 @@
-"""Helpers shared by the patch/CFG parallel tests: run a function on N gloo ranks, and tiny random denoisers.
-
-(No tests here. Kept private to the patch/CFG tests until a shared multi-rank helper exists.)
-"""
+"""Tiny random denoisers and their inputs for the patch/CFG parallel tests (no tests here)."""
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
-import socket
-import traceback
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(fn, rank, world_size, port, queue, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size), PARADIFF_TIMEOUT="60")
-    try:
-        import torch
-
-        torch.set_num_threads(1)
-        from paradiff import runtime
-
-        runtime._runtime = None
-        runtime.init("cpu")
-        queue.put((rank, "ok", fn(*args)))
-    except BaseException:  # noqa: BLE001 - report every failure to the parent
-        queue.put((rank, "error", traceback.format_exc()))
-    finally:
-        try:
-            from paradiff import runtime
-
-            runtime.shutdown()
-        except Exception:  # noqa: BLE001
-            pass
-
-
-def run_ranks(fn, world_size: int, *args, timeout: float = 300.0) -> list:
-    """Run `fn(*args)` on `world_size` gloo ranks (spawned processes); return the results ordered by rank."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, queue, args)) for r in range(world_size)]
-    for p in procs:
-        p.start()
-    results, errors = {}, []
-    try:
-        for _ in procs:
-            rank, status, value = queue.get(timeout=timeout)
-            if status == "ok":
-                results[rank] = value
-            else:
-                errors.append(f"rank {rank}:\n{value}")
-                break
-    finally:
-        for p in procs:
-            p.join(timeout=5 if errors else 30)
-            if p.is_alive():
-                p.kill()
-                p.join()
-    if errors:
-        raise AssertionError("\n".join(errors))
-    return [results[r] for r in range(world_size)]
+from distributed import run_ranks  # noqa: F401  (re-exported for the patch/CFG tests)
 
 
 def tiny_unet(kind: str = "sd", seed: int = 0):

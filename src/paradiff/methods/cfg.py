@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 from diffusers.hooks import HookRegistry, ModelHook
 from torch.utils import _pytree as pytree
 
+from paradiff.comm import all_gather
 from paradiff.errors import UserError
 from paradiff.parallel import ParallelMethod
 
@@ -32,12 +32,6 @@ def denoiser_of(pipe: Any) -> torch.nn.Module:
         if isinstance(module, torch.nn.Module):
             return module
     raise UserError(f"{type(pipe).__name__} has no `unet` or `transformer` denoiser; paradiff cannot parallelize it.")
-
-
-def all_gather(x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
-    """All-gather `x` along `dim` over `group` with functional collectives (traceable by torch.compile)."""
-    y = funcol.all_gather_tensor(x.contiguous(), dim, group)
-    return y.wait() if isinstance(y, funcol.AsyncCollectiveTensor) else y
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int | None:

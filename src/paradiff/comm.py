@@ -1,0 +1,86 @@
+"""Exchange of per-layer activations between patch ranks, synchronous or one step stale, in static buffers.
+
+Each wrapped layer owns a `Slot`: a static receive buffer holding what every rank sent for that layer (all-gathered
+along dim 0). In a *sync* step `exchange` all-gathers the fresh payload and returns it (exact). In a *stale* step it
+returns the slot's buffer (last step's data), and issues the all-gather of this step's payload asynchronously;
+`finish()` at the end of the step copies the results into the buffers. So communication overlaps the rest of the step
+and is waited on only once. Functional collectives are used throughout: in eager mode they run asynchronously, and
+torch.compile traces them (the copy into the static buffer is an in-place update, which CUDA graphs capture as well).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+
+
+# `all_gather_single` replaces the deprecated `all_gather_tensor` in recent PyTorch; same semantics.
+_all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+
+
+class Slot:
+    """One layer's receive buffer: `[world * payload_rows, ...]`, allocated on the first (synchronous) exchange."""
+
+    __slots__ = ("recv",)
+
+    def __init__(self) -> None:
+        self.recv: torch.Tensor | None = None
+
+
+def _wait(x: torch.Tensor) -> torch.Tensor:
+    return x.wait() if isinstance(x, funcol.AsyncCollectiveTensor) else x
+
+
+def all_gather(x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
+    """All-gather `x` along `dim` over `group`, waited (functional collective: traceable by torch.compile)."""
+    return _wait(_all_gather(x.contiguous(), dim, group))
+
+
+class StaleExchange:
+    """Activation exchange over one process group; `sync` selects the phase of the current step."""
+
+    def __init__(self, group: Any):
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.sync = True
+        self.slots: list[Slot] = []
+        self._pending: list[tuple[Slot, torch.Tensor]] = []
+
+    def slot(self) -> Slot:
+        slot = Slot()
+        self.slots.append(slot)
+        return slot
+
+    @property
+    def ready(self) -> bool:
+        """True when every slot holds data from a previous step (a stale step may run)."""
+        return all(slot.recv is not None for slot in self.slots)
+
+    def reset(self) -> None:
+        """Forget all buffers (new shapes): the next step must be synchronous."""
+        for slot in self.slots:
+            slot.recv = None
+        self._pending.clear()
+
+    def exchange(self, slot: Slot, payload: torch.Tensor, sync: bool | None = None) -> torch.Tensor:
+        """All ranks' payloads concatenated on dim 0: this step's (sync) or the previous step's (stale)."""
+        if self.sync if sync is None else sync:
+            gathered = _wait(_all_gather(payload.contiguous(), 0, self.group))
+            if slot.recv is None or slot.recv.shape != gathered.shape:
+                slot.recv = gathered.clone()
+            else:
+                slot.recv.copy_(gathered)
+            return gathered
+        stale = slot.recv
+        self._pending.append((slot, _all_gather(payload.contiguous(), 0, self.group)))
+        return stale
+
+    def finish(self) -> None:
+        """Land this step's asynchronous exchanges in the static buffers (waits for them)."""
+        for slot, gathered in self._pending:
+            slot.recv.copy_(gathered)
+        self._pending.clear()

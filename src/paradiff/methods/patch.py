@@ -1,0 +1,189 @@
+"""Displaced patch parallelism (DistriFusion, CVPR 2024) for UNet2DConditionModel pipelines.
+
+The latent is split into N horizontal bands of rows, one per rank. Every rank runs the whole pipeline loop; the
+UNet call is wrapped to run on this rank's rows and all-gather the output rows, so the scheduler step is identical on
+all ranks. Inside the UNet, the plan in `paradiff.plans.unet2d` hooks every conv, self-attention and GroupNorm so they
+see the whole image: exactly in the first `warmup_steps` steps, then from the previous step's activations of the
+other patches, exchanged asynchronously while the step computes (`paradiff.comm`). `mode="naive"` is the baseline
+with no interaction between patches (zero padding at the seams, local attention and statistics).
+
+Steady-state steps can be compiled (`compile=True`) and replayed from a CUDA graph (`cuda_graph=True`).
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from torch.utils import _pytree as pytree
+
+from paradiff.comm import StaleExchange, all_gather
+from paradiff.errors import UserError
+from paradiff.methods.cfg import denoiser_of
+from paradiff.parallel import ParallelMethod
+from paradiff.plans import unet2d
+from paradiff.plans.patch_layers import GN_MODES
+
+HOOK_NAME = "paradiff.patch"
+MODES = ("displaced", "naive")
+
+
+class PatchParallel(ParallelMethod):
+    """Split the latent rows over the ranks of mesh dimension "patch" (all ranks left by other methods).
+
+    warmup_steps: first steps run fully synchronous (exact); at least the first step always is.
+    gn_mode: GroupNorm statistics in stale steps: corrected (default), sync, stale, separate.
+    mode: "displaced" (DistriFusion) or "naive" (patches never interact: the baseline that shows seams).
+    compile: torch.compile the step (True, or a dict of torch.compile keyword arguments).
+    cuda_graph: replay stale steps from a CUDA graph after `graph_warmup` stale steps (CUDA only).
+    """
+
+    mesh_dim = "patch"
+
+    def __init__(self, warmup_steps: int = 4, gn_mode: str = "corrected", mode: str = "displaced",
+                 compile: bool | dict = False, cuda_graph: bool = False, graph_warmup: int = 1):
+        if not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise UserError(f"warmup_steps must be a whole number >= 0, got {warmup_steps!r}.")
+        if gn_mode not in GN_MODES:
+            raise UserError(f"gn_mode must be one of {', '.join(GN_MODES)}; got {gn_mode!r}.")
+        if mode not in MODES:
+            raise UserError(f"mode must be one of {', '.join(MODES)}; got {mode!r}.")
+        if cuda_graph and not torch.cuda.is_available():
+            raise UserError("cuda_graph=True needs a CUDA GPU; PyTorch sees none.")
+        self.warmup_steps = warmup_steps
+        self.gn_mode = gn_mode
+        self.mode = mode
+        self.compile = compile
+        self.cuda_graph = cuda_graph
+        self.graph_warmup = graph_warmup
+        self.hook: PatchHook | None = None
+
+    def apply(self, pipe: Any, mesh: Any) -> None:
+        self.hook = apply_to_unet(denoiser_of(pipe), mesh.get_group(self.mesh_dim), self,
+                                  vae_scale_factor=getattr(pipe, "vae_scale_factor", 8))
+        self.hook.watch_scheduler(pipe)
+
+    def __repr__(self) -> str:
+        return (f"PatchParallel(warmup_steps={self.warmup_steps}, gn_mode={self.gn_mode!r}, mode={self.mode!r}, "
+                f"compile={self.compile!r}, cuda_graph={self.cuda_graph})")
+
+
+def apply_to_unet(unet: torch.nn.Module, group: Any, config: PatchParallel, vae_scale_factor: int = 8) -> "PatchHook":
+    """Install patch parallelism on a bare UNet; call `hook.reset()` before each new denoising run."""
+    from diffusers import UNet2DConditionModel
+
+    if not isinstance(unet, UNet2DConditionModel):
+        raise UserError(f"patch parallelism supports UNet2DConditionModel pipelines (SD 1.x/2.x/XL/Turbo); this "
+                        f"pipeline's denoiser is {type(unet).__name__} (use --method cfg or async).")
+    registry = HookRegistry.check_if_exists_or_initialize(unet)
+    if registry.get_hook(HOOK_NAME) is not None:
+        raise UserError("patch parallelism is already applied to this model.")
+    hook = PatchHook(unet, group, config, vae_scale_factor)
+    registry.register_hook(hook, HOOK_NAME)
+    return hook
+
+
+class PatchHook(ModelHook):
+    """UNet-level hook: step phase (sync/stale), row split and gather, compile and CUDA-graph dispatch."""
+
+    def __init__(self, unet: torch.nn.Module, group: Any, config: PatchParallel, vae_scale_factor: int):
+        super().__init__()
+        self.group = group
+        self.config = config
+        self.exchange = StaleExchange(group)
+        self.world, self.rank = self.exchange.world, self.exchange.rank
+        self.factor = unet2d.downsampling_factor(unet)
+        self.vae_scale_factor = vae_scale_factor
+        self.counts = unet2d.apply(unet, self.exchange, config.gn_mode) if config.mode == "displaced" else {}
+        self.step = 0
+        self._key: tuple | None = None
+        self._compiled = None
+        self._graph = None
+        self._stale_seen = 0
+        self._pipe = None
+        self._scheduler = None
+
+    # -- step counting: a pipeline call starts with scheduler.set_timesteps ------------------------------------
+    def reset(self) -> None:
+        """A new denoising run starts: the next steps are warm-up (synchronous) steps again."""
+        self.step = 0
+
+    def watch_scheduler(self, pipe: Any) -> None:
+        self._pipe = weakref.ref(pipe)
+        self._hook_scheduler(pipe.scheduler)
+
+    def _hook_scheduler(self, scheduler: Any) -> None:
+        self._scheduler = scheduler
+        original = scheduler.set_timesteps
+        hook = weakref.ref(self)
+
+        def set_timesteps(*args, **kwargs):
+            if hook() is not None:
+                hook().reset()
+            return original(*args, **kwargs)
+
+        scheduler.set_timesteps = set_timesteps
+
+    def _check_scheduler(self) -> None:
+        pipe = self._pipe() if self._pipe is not None else None
+        if pipe is not None and pipe.scheduler is not self._scheduler:  # the user swapped the scheduler
+            self._hook_scheduler(pipe.scheduler)
+            self.reset()
+
+    # -- the step ------------------------------------------------------------------------------------------------
+    def _check_rows(self, rows: int) -> None:
+        need = self.world * self.factor
+        if rows % need:
+            px = need * self.vae_scale_factor
+            low, high = rows // need * need, (rows // need + 1) * need
+            raise UserError(
+                f"patch parallelism over {self.world} ranks needs the latent height to be a multiple of {need} "
+                f"(image height a multiple of {px} px), got {rows} latent rows ({rows * self.vae_scale_factor} px); "
+                f"use a height of {max(low, need) * self.vae_scale_factor} or {high * self.vae_scale_factor} px.")
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        self._check_scheduler()
+        sample = args[0] if args else kwargs["sample"]
+        self._check_rows(sample.shape[-2])
+        key = (tuple(sample.shape), sample.dtype, sample.device)
+        fresh = key != self._key
+        if fresh:  # new shapes: new buffers, and the first step must be synchronous to fill them
+            self.exchange.reset()
+            self._key, self._graph, self._stale_seen = key, None, 0
+        displaced = self.config.mode == "displaced"
+        sync = displaced and (self.step < max(1, self.config.warmup_steps) or not self.exchange.ready)
+        self.exchange.sync = sync
+        self.step += 1
+        fn = self._body
+        if self.config.compile and not fresh:
+            if self._compiled is None:
+                options = self.config.compile if isinstance(self.config.compile, dict) else {}
+                self._compiled = torch.compile(self._body, **{"dynamic": False, **options})
+            fn = self._compiled
+        if self.config.cuda_graph and not sync and sample.is_cuda:
+            self._stale_seen += 1
+            if self._graph is not None or self._stale_seen > self.config.graph_warmup:
+                if self._graph is None:
+                    from paradiff.cudagraph import GraphRunner
+
+                    self._graph = GraphRunner(fn)
+                fn = self._graph
+        return fn(*args, **kwargs)
+
+    def _body(self, *args: Any, **kwargs: Any) -> Any:
+        """This rank's rows through the (hooked) UNet, then the output rows of all ranks."""
+        sample = args[0] if args else kwargs["sample"]
+        rows = sample.shape[-2] // self.world
+        local = sample.narrow(-2, self.rank * rows, rows)
+        if args:
+            args = (local, *args[1:])
+        else:
+            kwargs = {**kwargs, "sample": local}
+        out = self.fn_ref.original_forward(*args, **kwargs)
+        out = pytree.tree_map(
+            lambda x: all_gather(x, x.dim() - 2, self.group) if isinstance(x, torch.Tensor) and x.dim() == 4 else x,
+            out)
+        self.exchange.finish()
+        return out

@@ -1,0 +1,1 @@
+"""Per-model-family plans: which stock diffusers modules get which parallel hook."""

@@ -1,0 +1,95 @@
+"""Displaced-patch layer hooks (DistriFusion): how a conv, a self-attention and a GroupNorm see the whole image
+while each rank holds only its rows of every activation.
+
+- `HaloConv2d`: a kxk conv with padding p reads p rows above and below its patch from the neighbouring ranks.
+- `FullKV`: on the `to_k`/`to_v` projections of a self-attention, the local keys/values are extended to the full
+  image's token set (the other ranks' tokens), so local queries attend to every token.
+- `PatchGroupNorm`: GroupNorm statistics over the whole image, from per-rank (mean, mean of squares).
+
+Each hook asks the `StaleExchange` for the other ranks' data: this step's (sync phase, exact) or the previous step's
+(stale phase; this step's are sent in the background for the next step). The model code is not touched: the hooks
+are diffusers `ModelHook`s on the stock modules.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers.hooks import ModelHook
+
+from paradiff.comm import StaleExchange
+
+GN_MODES = ("corrected", "sync", "stale", "separate")
+
+
+class HaloConv2d(ModelHook):
+    """Conv over this rank's rows plus `padding` halo rows from each neighbour (zeros at the image border)."""
+
+    def __init__(self, exchange: StaleExchange):
+        super().__init__()
+        self.exchange = exchange
+        self.slot = exchange.slot()
+
+    def new_forward(self, module: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        p = module.padding[0]
+        ex = self.exchange
+        payload = torch.cat([x[:, :, :p], x[:, :, -p:]], dim=2)  # [B, C, 2p, W]: my top rows, my bottom rows
+        halos = ex.exchange(self.slot, payload).unflatten(0, (ex.world, x.shape[0]))
+        top = halos[ex.rank - 1, :, :, p:] if ex.rank > 0 else torch.zeros_like(payload[:, :, :p])
+        bottom = halos[ex.rank + 1, :, :, :p] if ex.rank < ex.world - 1 else torch.zeros_like(payload[:, :, :p])
+        x = torch.cat([top, x, bottom], dim=2)
+        return F.conv2d(x, module.weight, module.bias, module.stride, (0, module.padding[1]), module.dilation,
+                        module.groups)
+
+
+class FullKV(ModelHook):
+    """After `to_k`/`to_v` of a self-attention: the other ranks' tokens joined to this rank's fresh ones."""
+
+    def __init__(self, exchange: StaleExchange):
+        super().__init__()
+        self.exchange = exchange
+        self.slot = exchange.slot()
+
+    def post_forward(self, module: torch.nn.Module, output: torch.Tensor) -> torch.Tensor:
+        ex = self.exchange
+        parts = list(ex.exchange(self.slot, output).unflatten(0, (ex.world, output.shape[0])).unbind(0))
+        parts[ex.rank] = output  # own tokens are always fresh (identical to the gathered ones in a sync step)
+        return torch.cat(parts, dim=1)
+
+
+class PatchGroupNorm(ModelHook):
+    """GroupNorm with whole-image statistics; `mode` says how they are formed in a stale step.
+
+    sync: exact, all-gathered every step. stale: last step's whole-image statistics. separate: this patch's own.
+    corrected (DistriFusion): fresh local + (last step's whole-image - last step's local), which follows how this
+    patch changed since the last step while the other patches' contributions come from last step.
+    """
+
+    def __init__(self, exchange: StaleExchange, mode: str):
+        super().__init__()
+        self.exchange = exchange
+        self.mode = mode
+        self.slot = exchange.slot()
+
+    def new_forward(self, module: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+        ex = self.exchange
+        sync = ex.sync or self.mode == "sync"
+        if not sync and self.mode == "separate":
+            return F.group_norm(x, module.num_groups, module.weight, module.bias, module.eps)
+        shape = x.shape
+        xg = x.reshape(shape[0], module.num_groups, -1).float()
+        local = torch.stack([xg.mean(-1), xg.square().mean(-1)])  # [2, B, G]
+        gathered = ex.exchange(self.slot, local, sync=sync).unflatten(0, (ex.world, 2))
+        if sync or self.mode == "stale":
+            stats = gathered.mean(0)
+        else:  # corrected
+            stats = local + gathered.mean(0) - gathered[ex.rank]
+        mean, meansq = stats.unbind(0)
+        var = meansq - mean.square()
+        local_var = local[1] - local[0].square()
+        var = torch.where(var < 0, local_var, var)  # a stale correction can overshoot; fall back to local
+        y = (xg - mean.unsqueeze(-1)) * torch.rsqrt(var.clamp_min(0).unsqueeze(-1) + module.eps)
+        y = y.reshape(shape).to(x.dtype)
+        if module.affine:
+            y = y * module.weight.view(1, -1, *([1] * (x.dim() - 2))) + module.bias.view(1, -1, *([1] * (x.dim() - 2)))
+        return y

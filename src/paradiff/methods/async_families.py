@@ -1,0 +1,105 @@
+"""Model families for asynchronous denoising: which modules are the splittable *units* and what a call looks like.
+
+A family is a small table, not a forked forward: `units(model)` names the weight-holding modules that run in
+sequence (UNet: every resnet / attention / down- or up-sampler inside the down, mid and up blocks; SD3: every joint
+transformer block), and `example_inputs(model, batch)` builds a call on the meta device so the split can be costed
+and traced without weights. Everything else with weights (time embedding, conv_in/conv_out, pos/context embedders,
+final norm) is *shared*: small, and run by every rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from paradiff.errors import UserError
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    units: Callable[[torch.nn.Module], list[str]]
+    example_inputs: Callable[[torch.nn.Module, int], dict]
+
+
+def _children_units(prefix: str, block: torch.nn.Module) -> list[str]:
+    """The module-list entries of a block (resnets.0, attentions.0, downsamplers.0, ...), or the block itself when
+    it holds weights outside its lists (then it cannot be cut inside)."""
+    names: list[str] = []
+    listed = 0
+    for child_name, child in block.named_children():
+        if isinstance(child, torch.nn.ModuleList):
+            for index, item in enumerate(child):
+                if any(True for _ in item.parameters()):
+                    names.append(f"{prefix}.{child_name}.{index}")
+                    listed += sum(p.numel() for p in item.parameters())
+    total = sum(p.numel() for p in block.parameters())
+    return names if names and listed == total else [prefix]
+
+
+def _unet_units(model: torch.nn.Module) -> list[str]:
+    units: list[str] = []
+    for i, block in enumerate(model.down_blocks):
+        units += _children_units(f"down_blocks.{i}", block)
+    if model.mid_block is not None:
+        units += _children_units("mid_block", model.mid_block)
+    for i, block in enumerate(model.up_blocks):
+        units += _children_units(f"up_blocks.{i}", block)
+    return units
+
+
+def _side(sample_size: Any) -> tuple[int, int]:
+    if isinstance(sample_size, (list, tuple)):
+        return int(sample_size[0]), int(sample_size[1])
+    return int(sample_size or 64), int(sample_size or 64)
+
+
+def _unet_inputs(model: torch.nn.Module, batch: int) -> dict:
+    cfg = model.config
+    h, w = _side(cfg.sample_size)
+    cross = cfg.cross_attention_dim
+    cross = cross[0] if isinstance(cross, (list, tuple)) else cross
+    meta = torch.device("meta")
+    kwargs: dict = dict(sample=torch.empty(batch, cfg.in_channels, h, w, device=meta),
+                        timestep=torch.empty((), device=meta),
+                        encoder_hidden_states=torch.empty(batch, 77, cross, device=meta))
+    if cfg.addition_embed_type == "text_time":
+        text_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.empty(batch, text_dim, device=meta),
+                                       "time_ids": torch.empty(batch, 6, device=meta)}
+    elif cfg.addition_embed_type is not None or cfg.class_embed_type is not None:
+        raise UserError(f"AsyncDenoise supports UNets conditioned on text (SD1.x/2.x) and text+time (SDXL); this one "
+                        f"has addition_embed_type={cfg.addition_embed_type!r}, class_embed_type={cfg.class_embed_type!r}.")
+    return kwargs
+
+
+def _sd3_units(model: torch.nn.Module) -> list[str]:
+    return [f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks))]
+
+
+def _sd3_inputs(model: torch.nn.Module, batch: int) -> dict:
+    cfg = model.config
+    meta = torch.device("meta")
+    side = int(cfg.sample_size)
+    return dict(hidden_states=torch.empty(batch, cfg.in_channels, side, side, device=meta),
+                encoder_hidden_states=torch.empty(batch, 333, cfg.joint_attention_dim, device=meta),
+                pooled_projections=torch.empty(batch, cfg.pooled_projection_dim, device=meta),
+                timestep=torch.empty(batch, device=meta))
+
+
+UNET = Family("UNet2DConditionModel", _unet_units, _unet_inputs)
+SD3 = Family("SD3Transformer2DModel", _sd3_units, _sd3_inputs)
+
+
+def family_of(model: torch.nn.Module) -> Family:
+    """The family table for `model`, or a UserError naming the supported denoisers."""
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+
+    if isinstance(model, UNet2DConditionModel):
+        return UNET
+    if isinstance(model, SD3Transformer2DModel):
+        return SD3
+    raise UserError(f"AsyncDenoise supports UNet2DConditionModel (SD1.x/2.x/XL/Turbo) and SD3Transformer2DModel "
+                    f"denoisers, not {type(model).__name__}.")

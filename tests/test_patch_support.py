@@ -45,3 +45,27 @@ def unet_inputs(kind: str = "sd", batch: int = 2, size: int = 16, seed: int = 1)
         kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, 32, generator=g),
                                        "time_ids": torch.tensor([[size * 8.0, size * 8.0, 0, 0, size * 8.0, size * 8.0]] * batch)}
     return kwargs
+
+
+def tiny_sdxl_pipeline(seed: int = 0):
+    """A tiny random StableDiffusionXLPipeline (two CLIP encoders, text_time conditioning), built in code."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from paradiff.archs import _tokenizer
+
+    unet = tiny_unet("sdxl", seed)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=8, sample_size=32)
+    tokenizer = _tokenizer("stable-diffusion-v1-5", "tokenizer")
+    text = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2,
+                vocab_size=tokenizer.vocab_size, max_position_embeddings=77)
+    encoder = CLIPTextModel(CLIPTextConfig(**text))
+    encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text, projection_dim=32))
+    scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                       steps_offset=1, timestep_spacing="leading")
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=encoder, text_encoder_2=encoder_2, tokenizer=tokenizer,
+                                     tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)

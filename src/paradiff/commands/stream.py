@@ -1,0 +1,165 @@
+"""`paradiff stream`: a video, an image folder or a webcam through a StreamPipeline, or the browser demo (--web)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from paradiff.commands.common import add_model_args, image_size, non_negative_int, positive_int
+
+
+def t_index_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated step indices like 32,45; got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one step index, e.g. 32,45")
+    return values
+
+
+def threshold(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (e.g. 0.98), got {value}")
+    return value
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "stream", help="real-time img2img on a video, image folder or webcam; --web for the browser demo",
+        description="Stream frames through a few-step diffusion model (StreamDiffusion-style stream batch). Output "
+                    "frame i is input frame i; a live source drops the oldest frames when the GPU falls behind.")
+    src = p.add_argument_group("input/output")
+    src.add_argument("--input", "-i", help="video file, folder of images, webcam[:N] or screen")
+    src.add_argument("-o", "--output", help="output video file (.mp4, .gif...) or folder of PNGs")
+    src.add_argument("--web", action="store_true", help="serve the browser demo (webcam in the page) instead")
+    src.add_argument("--host", default="127.0.0.1", help="web demo address (default 127.0.0.1)")
+    src.add_argument("--port", type=positive_int, default=7860, help="web demo port (default 7860)")
+    src.add_argument("--max-frames", type=positive_int, default=None, help="stop after this many input frames")
+    src.add_argument("--queue", type=positive_int, default=4, help="frames that may wait for the GPU (default 4)")
+    src.add_argument("--realtime", action="store_true",
+                     help="drop the oldest waiting frames when the GPU falls behind (default for webcam/screen)")
+    p.add_argument("--prompt", "-p", required=False, default=None, help="text prompt")
+    p.add_argument("--negative-prompt", default="")
+    add_model_args(p)
+    p.add_argument("--arch", default=None, help="build this architecture with RANDOM weights (speed only), e.g. sd-turbo")
+    p.add_argument("--tiny", action="store_true", help="a tiny random-weight pipeline (smoke tests)")
+    p.add_argument("--tiny-vae", default=None,
+                   help="an AutoencoderTiny (TAESD) folder to encode/decode with; 'random' for random TAESD weights")
+    p.add_argument("--t-index", type=t_index_list, default=[32, 45],
+                   help="steps of the schedule to run, comma-separated (default 32,45 of --steps 50)")
+    p.add_argument("--steps", type=positive_int, default=50, help="length of the schedule t-index picks from (50)")
+    p.add_argument("--guidance", default="none", choices=("none", "full", "self", "initialize"),
+                   help="none, full CFG, or residual CFG: self (self-negative), initialize (onetime-negative)")
+    p.add_argument("--guidance-scale", type=float, default=1.2)
+    p.add_argument("--delta", type=float, default=1.0, help="RCFG virtual residual noise scale (default 1.0)")
+    p.add_argument("--frame-buffer", type=positive_int, default=1, help="frames per step (default 1)")
+    p.add_argument("--similarity-filter", type=threshold, default=None, metavar="THRESHOLD",
+                   help="skip frames whose cosine similarity to the last processed one exceeds this (e.g. 0.98)")
+    p.add_argument("--max-skip-frames", type=non_negative_int, default=10)
+    p.add_argument("--size", type=image_size, default=None, help="stream size N or HxW (default: the model's)")
+    p.add_argument("--seed", type=non_negative_int, default=2)
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet and VAE (GPU; slow first frame)")
+    p.add_argument("--no-cuda-graph", action="store_true", help="run the step eagerly on a GPU")
+    p.set_defaults(run=run)
+
+
+def _load(args, device, dtype):
+    from paradiff.errors import UserError
+
+    if sum(bool(x) for x in (args.model, args.arch, args.tiny)) > 1:
+        raise UserError("give only one of --model, --arch and --tiny.")
+    if args.tiny:
+        from paradiff.stream.tiny import tiny_pipeline
+
+        return tiny_pipeline(device=device, dtype=dtype)
+    if args.arch:
+        from paradiff.archs import build_pipeline
+
+        return build_pipeline(args.arch, dtype=dtype, device=device)
+    from paradiff.pipelines import load_pipeline
+
+    model = args.model
+    if model is None:
+        from paradiff.reference import FAST_MODEL
+
+        if not os.path.isfile(os.path.join(FAST_MODEL, "model_index.json")):
+            raise UserError("the embedded few-step reference model is not in this install; pass --model (e.g. "
+                            "stabilityai/sd-turbo), or --arch sd-turbo / --tiny for random weights.")
+        model = FAST_MODEL
+    pipe = load_pipeline(model, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def _tiny_vae(spec, device, dtype):
+    if spec is None:
+        return None
+    if spec == "random":
+        from paradiff.archs import build_model
+
+        return build_model("taesd", "vae", dtype=dtype, device=device)
+    from diffusers import AutoencoderTiny
+
+    from paradiff.errors import UserError
+
+    if not os.path.isdir(spec):
+        raise UserError(f"--tiny-vae {spec}: no such folder (give an AutoencoderTiny folder, or 'random').")
+    return AutoencoderTiny.from_pretrained(spec, torch_dtype=dtype).to(device)
+
+
+def build_stream(args):
+    """The prepared StreamPipeline that the flags describe."""
+    from paradiff import runtime
+    from paradiff.pipelines import torch_dtype
+    from paradiff.stream import StreamPipeline
+
+    rt = runtime.init(args.device)
+    dtype = torch_dtype(args.dtype, rt.device)
+    pipe = _load(args, rt.device, dtype)
+    height, width = args.size if args.size else (None, None)
+    stream = StreamPipeline(
+        pipe, args.t_index, guidance=args.guidance, delta=args.delta, frame_buffer_size=args.frame_buffer,
+        similarity_filter=args.similarity_filter, max_skip_frames=args.max_skip_frames,
+        tiny_vae=_tiny_vae(args.tiny_vae, rt.device, dtype), num_inference_steps=args.steps, height=height,
+        width=width, cuda_graph=False if args.no_cuda_graph else None, compile=args.compile,
+    )
+    stream.prepare(args.prompt, negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale,
+                   seed=args.seed)
+    return stream
+
+
+def run(args: argparse.Namespace) -> int:
+    from paradiff.errors import UserError
+
+    if args.web:
+        if args.input or args.output:
+            raise UserError("--web takes frames from the browser; leave out --input and -o.")
+        if args.frame_buffer != 1:
+            raise UserError("--web streams one frame at a time; leave --frame-buffer at 1.")
+    else:
+        if not args.input or not args.output:
+            raise UserError("give --input (video, folder, webcam) and -o (video file or folder), or use --web.")
+    if args.prompt is None or not args.prompt.strip():
+        raise UserError("give a non-empty --prompt.")
+    if args.web:
+        from paradiff.stream.web import serve
+
+        stream = build_stream(args)
+        serve(stream, args.host, args.port)
+        return 0
+    from paradiff.stream import io
+
+    source = io.open_source(args.input, None)  # size known after the model is loaded
+    stream = build_stream(args)
+    source = io.open_source(args.input, (stream.height, stream.width))
+    sink = io.open_sink(args.output, source.fps)
+    stats = io.run(stream, source, sink, queue_size=args.queue, drop=True if args.realtime else None,
+                   max_frames=args.max_frames)
+    print(f"wrote {args.output}: {stats.frames_out} frames at {stats.fps:.1f} frames/s "
+          f"({stats.dropped} dropped, {stats.skipped} skipped by the similarity filter)")
+    return 0

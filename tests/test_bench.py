@@ -53,3 +53,15 @@ def test_sdxl_inputs_have_added_conditioning():
     assert args[0].shape == (2, 4, 128, 128)
     assert kwargs["encoder_hidden_states"].shape == (2, 77, 2048)
     assert kwargs["added_cond_kwargs"]["text_embeds"].shape == (2, 1280)
+
+
+def test_bench_a_method_on_two_ranks_against_the_baseline(tiny_pipeline_dir, tmp_path):
+    out = tmp_path / "cfg.json"
+    proc, _ = run_cli("bench", "--arch", str(tiny_pipeline_dir), "--what", "e2e", "--method", "cfg", "--nproc", "2",
+                      "--variants", "eager", "--runs", "4", "--warmup", "1", "--steps", "2", "--size", "32",
+                      "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    variants = {(r["what"], r["variant"]) for r in data["rows"]}
+    assert {("e2e", "eager"), ("e2e", "cfg x2"), ("step", "cfg x2")} <= variants
+    assert data["ranks"] == 2 and data["method"] == "cfg"

@@ -24,7 +24,8 @@ def _one(frame: Any) -> torch.Tensor:
     if Image is not None and isinstance(frame, Image.Image):
         return torch.from_numpy(np.asarray(frame.convert("RGB")).copy())
     if isinstance(frame, np.ndarray):
-        frame = torch.from_numpy(np.ascontiguousarray(frame))
+        frame = np.ascontiguousarray(frame)
+        frame = torch.from_numpy(frame if frame.flags.writeable else frame.copy())
     if not isinstance(frame, torch.Tensor):
         raise UserError(f"a frame must be a PIL image, a numpy array or a torch tensor, got {type(frame).__name__}.")
     return frame

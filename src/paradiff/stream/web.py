@@ -10,7 +10,7 @@ GPU work runs in one worker thread, so frames and prompt changes are applied in 
 free; at most one frame waits (the newest: older ones are dropped and reported).
 """
 
-from __future__ import annotations
+# no `from __future__ import annotations`: FastAPI reads the endpoint annotations (WebSocket) at runtime
 
 import asyncio
 import io

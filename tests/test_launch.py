@@ -42,3 +42,23 @@ def test_bad_timeout_value():
     proc, _ = run_cli("info", "--check", "--nproc", "2", env={"PARADIFF_TIMEOUT": "soon"})
     assert proc.returncode != 0
     assert "PARADIFF_TIMEOUT must be a number" in proc.stderr
+
+
+def test_the_same_command_runs_under_torchrun():
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "paradiff", "info", "--check"], capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "all-reduce over 2 rank(s): OK" in proc.stdout
+
+
+def test_nproc_must_match_a_torchrun_job():
+    # As a torchrun worker sees it (torchrun's own parser would take `--nproc` for `--nproc-per-node`).
+    proc, _ = run_cli("info", "--check", "--nproc", "3",
+                      env={"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"})
+    assert proc.returncode == 2
+    assert "--nproc 3 does not match the 2 ranks" in proc.stderr

@@ -17,12 +17,12 @@ pytestmark = pytest.mark.slow
 STEPS = 5
 
 
-def _loop(unet, kwargs, hook=None) -> torch.Tensor:
+def _loop(unet, kwargs, hook=None, steps: int = STEPS) -> torch.Tensor:
     if hook is not None:
         hook.reset()
     x = kwargs["sample"].clone()
     with torch.no_grad():
-        for i in range(STEPS):
+        for i in range(steps):
             step = {**kwargs, "sample": x, "timestep": torch.tensor(900.0 - 150 * i)}
             x = x - 0.2 * unet(**step).sample
     return x

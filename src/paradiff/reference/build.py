@@ -165,6 +165,9 @@ def save_pipeline(path: str, tok, text, vae, unet, fast: bool = False, dtype=Non
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.to(dtype=dtype)
+    # transformers loads with dtype="auto" (the stored dtype): keep the small text encoder in fp32 so that a plain
+    # from_pretrained() gives an all-fp32 pipeline (diffusers models load as fp32 by default)
+    text.to(torch.float32)
     pipe.save_pretrained(path, safe_serialization=True)
     pipe.to(dtype=torch.float32)
     # also ship the classic CLIP vocabulary files (vocab.json + merges.txt) for slow/older CLIPTokenizer loaders

@@ -103,21 +103,22 @@ class Prefetch:
 
 
 class EMA:
+    """Exponential moving average of parameters (fused foreach update: one launch, not one per tensor)."""
+
     def __init__(self, model, decay):
         self.decay = decay
-        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+        self.params = [p for p in model.parameters()]
+        self.shadow = [p.detach().clone().float() for p in self.params]
 
     @torch.no_grad()
     def update(self, model, step):
         d = min(self.decay, (1 + step) / (10 + step))
-        for k, v in model.state_dict().items():
-            if v.dtype.is_floating_point:
-                self.shadow[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
-            else:
-                self.shadow[k].copy_(v)
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1 - d)
 
+    @torch.no_grad()
     def copy_to(self, model):
-        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in self.shadow.items()})
+        for p, s in zip(self.params, self.shadow):
+            p.copy_(s.to(p.dtype))
 
 
 def _record(folder, stage, args, device, seconds, metrics, extra=None):
@@ -223,6 +224,26 @@ def _encode_latents(vae, scenes, device):
         return vae.encode(x).latent_dist.mean.float() * vae.config.scaling_factor
 
 
+@torch.no_grad()
+def _latent_cache(vae, tok, n, seed, device, chunk=1024):
+    """Pre-render and pre-encode n training scenes (latents + token ids) on the device.
+
+    Rendering and VAE-encoding every step made the first GPU run launch-bound (~10 it/s); a cache of a few
+    hundred thousand jittered scenes costs ~20 s once and then each step only indexes it.
+    """
+    sampler = SceneSampler(seed)
+    lat = torch.empty((n, 4, 32, 32), dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+                      device=device)
+    ids = torch.empty((n, tok.model_max_length), dtype=torch.long, device=device)
+    for i in tqdm(range(0, n, chunk), desc="latent cache", mininterval=5):
+        scenes = sampler.batch(min(chunk, n - i))
+        caps = [caption(s) for s in scenes]
+        ids[i:i + len(scenes)] = tok(caps, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                                     return_tensors="pt").input_ids.to(device)
+        lat[i:i + len(scenes)] = _encode_latents(vae, scenes, device).to(lat.dtype)
+    return lat, ids
+
+
 def train_unet(args, device):
     from diffusers import AutoencoderKL
 
@@ -246,13 +267,16 @@ def train_unet(args, device):
     ema_u, ema_t = EMA(unet, args.ema), EMA(text, args.ema)
     _, acp = _noise_schedule(device)
     steps = args.unet_steps
-    pf = Prefetch(args.seed + 22 + 1000 * int(args.resume), args.batch, tok, drop_prob=0.1)
+    t0 = t_cache = time.time()
+    cache_lat, cache_ids = _latent_cache(vae, tok, args.cache, args.seed + 22 + 1000 * int(args.resume), device)
+    cache_s = time.time() - t_cache
+    empty_ids = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+    empty_ids = empty_ids.to(device)
     gen = torch.Generator(device).manual_seed(args.seed)
     fwd = unet
     if args.compile and device.type == "cuda":
         fwd = torch.compile(unet)
     compiled_ok = fwd is not unet
-    t0 = time.time()
     t_start, cap, done = time.time(), args.unet_minutes, 0
     bar = tqdm(range(steps), desc="unet", mininterval=5)
     losses = []
@@ -263,9 +287,10 @@ def train_unet(args, device):
             break
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, prog, args.lr, min(300, steps // 10 + 1) if not args.resume else 50)
-        scenes, caps, ids = pf.get()
-        x0 = _encode_latents(vae, scenes, device)
-        ids = ids.to(device, non_blocking=True)
+        idx = torch.randint(0, cache_lat.shape[0], (args.batch,), device=device, generator=gen)
+        x0 = cache_lat[idx].float()
+        drop = torch.rand(args.batch, 1, device=device, generator=gen) < 0.1  # caption dropout, for CFG
+        ids = torch.where(drop, empty_ids, cache_ids[idx])
         b = x0.shape[0]
         t = torch.randint(0, 1000, (b,), device=device, generator=gen)
         noise = torch.randn(x0.shape, device=device, generator=gen)
@@ -296,15 +321,16 @@ def train_unet(args, device):
         losses.append(loss.item() if step % 50 == 0 else None)
         if step % 200 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
-    pf.close()
-    train_s = time.time() - t0
+    train_s = time.time() - t_start
+    del cache_lat, cache_ids
     ema_u.copy_to(unet)
     ema_t.copy_to(text)
     unet.eval()
     text.eval()
     build.save_pipeline(dst, tok, text.cpu(), vae.cpu(), unet.cpu())
     metrics = {"steps": done, "batch": args.batch, "final_loss": round(float(loss.item()), 5),
-               "train_seconds": round(train_s, 1), "compiled": compiled_ok}
+               "train_seconds": round(train_s, 1), "compiled": compiled_ok,
+               "cache_scenes": args.cache, "cache_seconds": round(cache_s, 1)}
     if not args.no_eval:
         metrics.update(_eval_folder(dst, device, args, fast=False))
     dt = time.time() - t0
@@ -459,8 +485,9 @@ def parse_args(argv=None):
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--kl-weight", type=float, default=1e-6)
     p.add_argument("--unet-steps", type=int, default=8000)
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--cache", type=int, default=400_000, help="pre-encoded training scenes for the unet stage")
+    p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--fast-steps", type=int, default=3000)
     p.add_argument("--fast-lr", type=float, default=1e-4)
@@ -478,7 +505,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.smoke:
-        args.vae_steps, args.vae_batch, args.unet_steps, args.batch = 3, 2, 3, 2
+        args.vae_steps, args.vae_batch, args.unet_steps, args.batch, args.cache = 3, 2, 3, 2, 8
         args.fast_steps, args.teacher_samples, args.teacher_batch, args.teacher_steps = 2, 4, 2, 2
         args.eval_prompts, args.no_eval = 2, False
     return args

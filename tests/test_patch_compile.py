@@ -35,3 +35,34 @@ def test_compiled_equals_eager():
     for out in run_ranks(_check_compiled, 2, "aot_eager"):
         assert out["compiled"]
         assert out["diff"] < 1e-5, out
+
+
+def _generated_order():
+    """Inductor code of a stale exchange around some compute, compiled with the patch step's options."""
+    import torch.distributed as dist
+    from torch._inductor.utils import run_and_get_code
+
+    from paradiff.comm import StaleExchange
+    from paradiff.methods.patch import compile_kwargs
+
+    ex = StaleExchange(dist.group.WORLD)
+    slot = ex.slot()
+    slot.recv = torch.zeros(4, 8)
+    ex.sync = False
+
+    def step(x):
+        stale = ex.exchange(slot, x * 2)
+        y = torch.mm(x.t(), x).relu()
+        out = y.sum() + stale.sum()
+        ex.finish()
+        return out
+
+    _, codes = run_and_get_code(torch.compile(step, fullgraph=True, **compile_kwargs(True)), torch.ones(2, 8))
+    lines = [line.strip() for line in codes[0].splitlines()]
+    return [next(i for i, line in enumerate(lines) if marker in line and not line.startswith("#"))
+            for marker in ("all_gather_into_tensor.default(", "extern_kernels.mm(", "wait_tensor.default(")]
+
+
+def test_inductor_overlaps_the_stale_exchange():
+    gather, compute, wait = run_ranks(_generated_order, 2)[0]
+    assert gather < compute < wait, "the all-gather must be waited on after the compute it overlaps"

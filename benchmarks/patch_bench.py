@@ -1,0 +1,284 @@
+"""Per-step latency of patch parallelism (DistriFusion) and CFG parallelism vs a compiled single GPU, on a UNet.
+
+    torchrun --nproc-per-node 2 benchmarks/patch_bench.py --out benchmarks/results/patch-h200x2       # SDXL 1024
+    torchrun --nproc-per-node 2 benchmarks/patch_bench.py --size 2048 --configs baseline,patch --out ...
+    torchrun --nproc-per-node 2 benchmarks/patch_bench.py --tiny --out /tmp/patch-tiny                # CPU / gloo
+
+Configurations (each a fresh random-weight UNet, CFG batch 2, fp16 on GPU):
+  baseline      one GPU, torch.compile(mode="reduce-overhead") (every rank runs it alone; rank 0's figure is used)
+  patch         PatchParallel over all ranks, compiled, stale steps replayed from a CUDA graph
+  patch-nocomm  the same step with every collective replaced by a local copy of the same size: the difference to
+                `patch` is the communication the overlap did not hide ("exposed comm")
+  patch-eager   PatchParallel without compile / CUDA graph
+  cfg           CFGParallel (2 ranks), compiled, replayed from a CUDA graph
+  cfg+patch     CFGParallel x PatchParallel (4 ranks: 2 x 2), compiled + CUDA graph
+Per configuration: median stale-step latency (CUDA events), the whole `--steps` loop (warm-up steps included),
+and the peak memory of every rank. Writes `patch-bench.json` and `patch-bench.md` to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from paradiff import runtime
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--arch", default="stable-diffusion-xl-base-1.0", help="UNet architecture (paradiff.archs name)")
+    p.add_argument("--size", type=int, default=1024, help="image size in px (square); latent = size / 8")
+    p.add_argument("--steps", type=int, default=50, help="denoising steps per loop")
+    p.add_argument("--warmup-steps", type=int, default=4, help="synchronous steps of PatchParallel")
+    p.add_argument("--configs", default=None,
+                   help="comma list (default: baseline,patch,patch-nocomm,cfg on 2 ranks; "
+                        "baseline,patch,patch-nocomm,cfg+patch on 4)")
+    p.add_argument("--repeat", type=int, default=2, help="timed loops per configuration (after one untimed)")
+    p.add_argument("--tiny", action="store_true", help="tiny random UNet in fp32 (CPU/gloo smoke run)")
+    p.add_argument("--compile-backend", default=None,
+                   help="torch.compile backend (default: inductor on GPU; none on CPU unless given)")
+    p.add_argument("--out", required=True, help="output directory for patch-bench.json / .md")
+    return p.parse_args(argv)
+
+
+# -- model and inputs -----------------------------------------------------------------------------------------------
+def build_unet(args, device, dtype):
+    if args.tiny:
+        from diffusers import UNet2DConditionModel
+
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(
+            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=8,
+            cross_attention_dim=32, block_out_channels=(16, 32, 32), attention_head_dim=(2, 4, 4),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 1, 2), use_linear_projection=True, addition_embed_type="text_time",
+            addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 32)
+        return unet.to(device, dtype).eval().requires_grad_(False)
+    from paradiff.archs import build_model
+
+    return build_model(args.arch, "unet", dtype=dtype, device=device)
+
+
+def make_inputs(unet, args, device, dtype, batch=2):
+    """Call kwargs for a CFG step (batch 2): latent, timestep, text states and SDXL's added conditioning."""
+    cfg = unet.config
+    g = torch.Generator("cpu").manual_seed(0)
+    latent = args.size // 8
+    kwargs = dict(sample=torch.randn(batch, cfg.in_channels, latent, latent, generator=g),
+                  encoder_hidden_states=torch.randn(batch, 77, cfg.cross_attention_dim, generator=g))
+    if cfg.addition_embed_type == "text_time":
+        text_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(batch, text_dim, generator=g),
+            "time_ids": torch.tensor([[args.size, args.size, 0, 0, args.size, args.size]] * batch, dtype=torch.float32)}
+    return torch.utils._pytree.tree_map(lambda t: t.to(device, dtype), kwargs)
+
+
+# -- timing ---------------------------------------------------------------------------------------------------------
+class Timer:
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def start(self):
+        if self.cuda:
+            self._s = torch.cuda.Event(enable_timing=True)
+            self._e = torch.cuda.Event(enable_timing=True)
+            self._s.record()
+        else:
+            self._t = time.perf_counter()
+
+    def stop(self) -> float:
+        """Milliseconds since start()."""
+        if self.cuda:
+            self._e.record()
+            self._e.synchronize()
+            return self._s.elapsed_time(self._e)
+        return (time.perf_counter() - self._t) * 1e3
+
+
+def run_loop(step, kwargs, steps, timer, reset=None):
+    """A denoising-like loop; returns per-step milliseconds."""
+    if reset is not None:
+        reset()
+    x = kwargs["sample"].clone()
+    times = []
+    with torch.no_grad():
+        for i in range(steps):
+            t = torch.tensor(999.0 - i * (999.0 / steps), device=x.device)
+            timer.start()
+            out = step(**{**kwargs, "sample": x, "timestep": t}, return_dict=False)[0]
+            times.append(timer.stop())
+            x = x - 0.02 * out.to(x.dtype)
+    return times
+
+
+def fake_collectives(on: bool):
+    """Replace (on) or restore every paradiff all-gather by a local tensor of the gathered size (exposed comm)."""
+    import paradiff.comm as comm
+
+    def local_gather(x, dim, group):
+        return torch.cat([x] * dist.get_world_size(group), dim=dim)
+
+    if on:
+        fake_collectives.real = comm._all_gather
+        comm._all_gather = local_gather
+    else:
+        comm._all_gather = fake_collectives.real
+
+
+def bench_config(name, args, rt, device, dtype):
+    from paradiff.methods.cfg import apply_to_module as apply_cfg
+    from paradiff.methods.patch import PatchParallel, apply_to_unet
+
+    on_gpu = device.type == "cuda"
+    backend = args.compile_backend or ("inductor" if on_gpu else None)
+    compile_opts = {"backend": backend} if backend else False
+    if on_gpu:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    unet = build_unet(args, device, dtype)
+    kwargs = make_inputs(unet, args, device, dtype)
+    reset = None
+    stale_from = 0
+    if name == "baseline":
+        if backend == "inductor":
+            step = torch.compile(unet, mode="reduce-overhead")
+        elif backend:
+            step = torch.compile(unet, backend=backend)
+        else:
+            step = unet
+    else:
+        if name == "patch-nocomm":
+            fake_collectives(True)
+        dims = {"cfg": 2, "patch": rt.world_size // 2} if name.startswith("cfg") else {"patch": rt.world_size}
+        if name == "cfg":
+            dims = {"cfg": 2}
+        mesh = runtime.mesh(dims)
+        if "cfg" in dims:
+            apply_cfg(unet, mesh.get_group("cfg"))
+        if "patch" in dims:
+            eager = name == "patch-eager"
+            hook = apply_to_unet(unet, mesh.get_group("patch"), PatchParallel(
+                warmup_steps=args.warmup_steps, compile=False if eager else compile_opts,
+                cuda_graph=on_gpu and not eager))
+            reset, stale_from, step = hook.reset, args.warmup_steps, unet
+        else:  # CFG alone: compile the hooked UNet, replay from a CUDA graph like the patch step
+            step = torch.compile(unet, backend=backend) if backend else unet
+            if on_gpu:
+                from paradiff.cudagraph import GraphRunner
+
+                compiled, runner, calls = step, None, [0]
+
+                def step(**kw):  # two compiled calls, then the CUDA graph
+                    nonlocal runner
+                    calls[0] += 1
+                    if calls[0] <= 2:
+                        return compiled(**kw)
+                    runner = runner or GraphRunner(compiled)
+                    return runner(**kw)
+    timer = Timer(device)
+    run_loop(step, kwargs, args.steps, timer, reset)  # compile, capture, warm caches
+    loops = [run_loop(step, kwargs, args.steps, timer, reset) for _ in range(args.repeat)]
+    if name == "patch-nocomm":
+        fake_collectives(False)
+    steady = [t for loop in loops for t in loop[max(stale_from, 1):]]
+    result = {"config": name, "step_ms": statistics.median(steady),
+              "loop_ms": statistics.median(sum(loop) for loop in loops),
+              "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if on_gpu else None}
+    del unet, step
+    return result
+
+
+def default_configs(world):
+    if world == 1:
+        return ["baseline"]
+    if world == 2:
+        return ["baseline", "patch", "patch-nocomm", "cfg"]
+    return ["baseline", "patch", "patch-nocomm", "cfg+patch"]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rt = runtime.init()
+    device = rt.device
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    dtype = torch.float32 if args.tiny or device.type == "cpu" else torch.float16
+    if args.tiny:
+        args.size = min(args.size, 256)
+    torch._dynamo.config.recompile_limit = 64  # every configuration is a new UNet: new guards, new graphs
+    configs = args.configs.split(",") if args.configs else default_configs(rt.world_size)
+    rows = []
+    for name in configs:
+        if name.startswith("cfg") and rt.world_size not in ((2,) if name == "cfg" else (4, 8)):
+            if rt.is_main:
+                print(f"skip {name}: needs {'2' if name == 'cfg' else '4'} ranks", flush=True)
+            continue
+        result = bench_config(name, args, rt, device, dtype)
+        peaks = [result["peak_mem_gib"]] * rt.world_size
+        if rt.distributed:
+            dist.all_gather_object(peaks, result["peak_mem_gib"])
+        result["peak_mem_gib_per_rank"] = peaks
+        rows.append(result)
+        if rt.is_main:
+            print(f"{name:14s} step {result['step_ms']:8.2f} ms   loop {result['loop_ms']:9.1f} ms", flush=True)
+        runtime.barrier()
+    if rt.is_main:
+        write_results(args, rt, rows)
+    runtime.shutdown()
+
+
+def write_results(args, rt, rows):
+    base = next((r for r in rows if r["config"] == "baseline"), None)
+    nocomm = next((r for r in rows if r["config"] == "patch-nocomm"), None)
+    for r in rows:
+        if base:
+            r["step_speedup"] = base["step_ms"] / r["step_ms"]
+            r["loop_speedup"] = base["loop_ms"] / r["loop_ms"]
+        if r["config"] == "patch" and nocomm:
+            r["exposed_comm_ms"] = r["step_ms"] - nocomm["step_ms"]
+    env = {"device": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else platform.processor() or "cpu",
+           "world_size": rt.world_size, "backend": rt.backend, "torch": torch.__version__,
+           "diffusers": __import__("diffusers").__version__, "python": platform.python_version(),
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])}
+    setup = {"arch": "tiny" if args.tiny else args.arch, "size_px": args.size, "latent": args.size // 8,
+             "batch": 2, "dtype": "fp32" if args.tiny or rt.device.type == "cpu" else "fp16", "steps": args.steps,
+             "warmup_steps": args.warmup_steps, "repeat": args.repeat}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "patch-bench.json"), "w") as f:
+        json.dump({"env": env, "setup": setup, "results": rows}, f, indent=2)
+
+    def fmt(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    lines = [f"# Patch / CFG parallel step latency: {setup['arch']} {args.size}px, batch 2 (CFG), {setup['dtype']}",
+             "", f"{env['device']} x {rt.world_size}, torch {env['torch']}, diffusers {env['diffusers']}, {env['date']}",
+             f"`{env['command']}`", "",
+             "| config | stale step ms | speedup | loop of %d steps ms | speedup | exposed comm ms | peak GiB per rank |"
+             % args.steps, "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        peaks = ", ".join(fmt(p, ".1f") for p in r["peak_mem_gib_per_rank"])
+        lines.append(f"| {r['config']} | {r['step_ms']:.2f} | {fmt(r.get('step_speedup'), '.2f')} | "
+                     f"{r['loop_ms']:.1f} | {fmt(r.get('loop_speedup'), '.2f')} | "
+                     f"{fmt(r.get('exposed_comm_ms'), '.2f')} | {peaks} |")
+    lines += ["", "Stale step: median over the steps after warm-up. Loop: median total of the whole loop (warm-up "
+              "steps synchronous). Exposed comm: patch step minus the same step with local copies instead of "
+              "collectives."]
+    with open(os.path.join(args.out, "patch-bench.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

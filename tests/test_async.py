@@ -32,8 +32,19 @@ def _case(kind: str):
         x0 = torch.randn(2, 4, 8, 8, generator=g)
         return model, FlowMatchEulerDiscreteScheduler(), (lambda x, t: dict(
             hidden_states=x, timestep=t.expand(2), encoder_hidden_states=ehs, pooled_projections=pooled)), x0
-    model = tiny_unet(kind).eval()
-    kwargs = unet_inputs(kind)
+    if kind == "deep":  # a deep transformer stack, so the best cut falls inside it (as in SDXL)
+        from diffusers import UNet2DConditionModel
+
+        torch.manual_seed(0)
+        model = UNet2DConditionModel(
+            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=8,
+            cross_attention_dim=32, block_out_channels=(16, 32), attention_head_dim=4, transformer_layers_per_block=6,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), mid_block_type=None,
+            up_block_types=("UpBlock2D", "UpBlock2D")).eval()
+        kwargs = unet_inputs("sd")
+    else:
+        model = tiny_unet(kind).eval()
+        kwargs = unet_inputs(kind)
     x0 = kwargs.pop("sample")
     kwargs.pop("timestep")
     return model, DDIMScheduler(), (lambda x, t: dict(kwargs, sample=x, timestep=t)), x0
@@ -118,6 +129,7 @@ def _async_vs_references(kind, settings):
         results.append(dict(
             settings=(warmup, time_shift, stride, compile), vs_serial=(out - serial).abs().max().item(),
             vs_sim=(out - simulated).abs().max().item(), repeat=(again - out).abs().max().item(),
+            opened=any(".transformer_blocks." in name for name in plan.graph.units),
             scale=serial.abs().max().item(), params=sum(p.numel() for p in model.parameters()), full=full,
             own=plan.graph.shared_params + sum(plan.graph.params[plan.bounds[k]:plan.bounds[k + 1]])))
     return results
@@ -152,6 +164,13 @@ def test_sdxl_unet_three_ranks_and_stride_two():
 @pytest.mark.timeout(300)
 def test_sd3_transformer_two_ranks():
     _check(run_ranks(_async_vs_references, 2, "sd3", [(T, False, 1, False), (2, False, 1, False)]))
+
+
+@pytest.mark.timeout(300)
+def test_cut_inside_a_deep_transformer_stack():
+    results = run_ranks(_async_vs_references, 2, "deep", [(T, False, 1, False), (2, False, 1, False)])
+    _check(results)
+    assert all(r["opened"] for rank in results for r in rank)
 
 
 @pytest.mark.timeout(400)

@@ -17,14 +17,27 @@ import torch
 from paradiff.errors import UserError
 
 
+ALL = None
+"""`expand=ALL`: open every deep transformer stack into its blocks (see `Family.units`)."""
+
+
 @dataclass(frozen=True)
 class Family:
+    """`units(model, expand)`: unit names in definition order. `expand` names the transformer stacks (UNet
+    attentions with several transformer blocks) to open into one unit per block, so a cut can fall inside them;
+    their norm/proj_in/proj_out then become shared glue. `ALL` opens every deep stack, an empty set none."""
+
     name: str
-    units: Callable[[torch.nn.Module], list[str]]
+    units: Callable[[torch.nn.Module, Any], list[str]]
     example_inputs: Callable[[torch.nn.Module, int], dict]
 
 
-def _children_units(prefix: str, block: torch.nn.Module) -> list[str]:
+def deep_stack(module: torch.nn.Module) -> bool:
+    blocks = getattr(module, "transformer_blocks", None)
+    return isinstance(blocks, torch.nn.ModuleList) and len(blocks) > 1
+
+
+def _children_units(prefix: str, block: torch.nn.Module, expand: Any) -> list[str]:
     """The module-list entries of a block (resnets.0, attentions.0, downsamplers.0, ...), or the block itself when
     it holds weights outside its lists (then it cannot be cut inside)."""
     names: list[str] = []
@@ -33,20 +46,24 @@ def _children_units(prefix: str, block: torch.nn.Module) -> list[str]:
         if isinstance(child, torch.nn.ModuleList):
             for index, item in enumerate(child):
                 if any(True for _ in item.parameters()):
-                    names.append(f"{prefix}.{child_name}.{index}")
+                    name = f"{prefix}.{child_name}.{index}"
+                    if deep_stack(item) and (expand is ALL or name in expand):
+                        names += [f"{name}.transformer_blocks.{j}" for j in range(len(item.transformer_blocks))]
+                    else:
+                        names.append(name)
                     listed += sum(p.numel() for p in item.parameters())
     total = sum(p.numel() for p in block.parameters())
     return names if names and listed == total else [prefix]
 
 
-def _unet_units(model: torch.nn.Module) -> list[str]:
+def _unet_units(model: torch.nn.Module, expand: Any = frozenset()) -> list[str]:
     units: list[str] = []
     for i, block in enumerate(model.down_blocks):
-        units += _children_units(f"down_blocks.{i}", block)
+        units += _children_units(f"down_blocks.{i}", block, expand)
     if model.mid_block is not None:
-        units += _children_units("mid_block", model.mid_block)
+        units += _children_units("mid_block", model.mid_block, expand)
     for i, block in enumerate(model.up_blocks):
-        units += _children_units(f"up_blocks.{i}", block)
+        units += _children_units(f"up_blocks.{i}", block, expand)
     return units
 
 
@@ -75,7 +92,7 @@ def _unet_inputs(model: torch.nn.Module, batch: int) -> dict:
     return kwargs
 
 
-def _sd3_units(model: torch.nn.Module) -> list[str]:
+def _sd3_units(model: torch.nn.Module, expand: Any = frozenset()) -> list[str]:
     return [f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks))]
 
 

@@ -133,6 +133,8 @@ class _UnitHook(ModelHook):
                     if st.mode == "sync":
                         st.works.extend(dist.isend(buf, group=st.group, group_dst=peer) for peer in peers)
             return out
+        if st.mode == "async":
+            return self._out  # this generation's buffers (shapes are fixed after its first, synchronous step)
         spec, metas = self._structure(args, kwargs)
         device = next(x.device for x in pytree.tree_leaves((args, kwargs)) if _tensor(x))
         leaves = []
@@ -152,7 +154,8 @@ class _UnitHook(ModelHook):
                 leaves.append(buf)
             else:
                 leaves.append(st.placeholder(shape, dtype, device))
-        return pytree.tree_unflatten(leaves, spec)
+        self._out = pytree.tree_unflatten(leaves, spec)
+        return self._out
 
     def _structure(self, args, kwargs) -> tuple:
         """Output tree spec and (shape, dtype) of each tensor leaf, from the unit's meta twin (cached per input)."""
@@ -303,8 +306,9 @@ def apply_to_module(model: torch.nn.Module, group: Any, scheduler: Callable[[], 
     """
     size = dist.get_world_size(group)
     n = size - (stride - 1)
-    if n < 2:
-        raise UserError(f"AsyncDenoise with stride {stride} needs at least {stride + 1} ranks, got {size}.")
+    if n < 1 or size < 2:
+        raise UserError(f"AsyncDenoise with stride {stride} needs at least 2 ranks (N components + {stride - 1}), "
+                        f"got {size}.")
     registry = HookRegistry.check_if_exists_or_initialize(model)
     if registry.get_hook(HOOK_NAME) is not None:
         raise UserError("AsyncDenoise is already applied to this model.")
@@ -350,8 +354,9 @@ class AsyncDenoise(ParallelMethod):
                  time_shift: bool = False, compile: bool | str = False, cuda_graph: bool = False):
         if stride not in (1, 2):
             raise UserError(f"AsyncDenoise stride must be 1 or 2, got {stride}.")
-        if components is not None and (not isinstance(components, int) or components < 2):
-            raise UserError(f"AsyncDenoise needs components >= 2 (one per rank), got {components!r}.")
+        if components is not None and (not isinstance(components, int) or components < 1
+                                       or components + stride - 1 < 2):
+            raise UserError(f"AsyncDenoise needs components >= 2 (>= 1 with stride 2), got {components!r}.")
         if not isinstance(warmup_steps, int) or warmup_steps < 1:
             raise UserError(f"AsyncDenoise needs warmup_steps >= 1 (the first step fills the stale values), "
                             f"got {warmup_steps!r}.")

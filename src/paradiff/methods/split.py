@@ -21,7 +21,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from paradiff.errors import UserError
-from paradiff.methods.async_families import family_of
+from paradiff.methods.async_families import ALL, family_of
 
 OUTPUT = -1
 """Consumer index of the model's final output (run by every rank from the last component's values)."""
@@ -98,20 +98,20 @@ def _meta_twin(model: torch.nn.Module) -> torch.nn.Module:
     return twin.eval().requires_grad_(False)
 
 
-def trace(model: torch.nn.Module, batch: int = 2) -> Graph:
+def trace(model: torch.nn.Module, batch: int = 2, expand: Any = frozenset()) -> Graph:
     """The unit graph of `model` (cached per class and config; costs nothing but a meta-device forward)."""
-    return _trace_cached(type(model), json.dumps(dict(model.config), sort_keys=True, default=str), batch)
+    return _trace_cached(type(model), json.dumps(dict(model.config), sort_keys=True, default=str), batch, expand)
 
 
-@lru_cache(maxsize=8)
-def _trace_cached(cls: type, config_json: str, batch: int) -> Graph:
+@lru_cache(maxsize=16)
+def _trace_cached(cls: type, config_json: str, batch: int, expand: Any) -> Graph:
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
         twin = cls.from_config(json.loads(config_json))
     twin.eval().requires_grad_(False)
     family = family_of(twin)
-    names = family.units(twin)
+    names = family.units(twin, expand)
     modules = dict(twin.named_modules())
     index = {name: i for i, name in enumerate(names)}
     owner: dict[int, tuple[int, int]] = {}
@@ -223,14 +223,37 @@ def partition(costs: list[float] | tuple[float, ...], n: int) -> tuple[int, ...]
 
 
 def split(model: torch.nn.Module, n: int) -> Split:
-    """Cut `model` into `n` balanced components (UserError when it has fewer splittable units than `n`)."""
-    graph = trace(model)
+    """Cut `model` into `n` balanced components (UserError when it has fewer splittable units than `n`).
+
+    Deep transformer stacks (SDXL's 10-block attentions) are first opened into single blocks to find the best
+    cut; only the stacks that a cut actually falls inside stay open (their small glue then runs on every rank),
+    the others are closed again. The better of this and the plain block-level split is kept.
+    """
     if n < 1:
         raise UserError(f"AsyncDenoise needs at least 1 component, got {n}.")
-    if n > len(graph.units):
-        raise UserError(f"{graph.model} has {len(graph.units)} splittable blocks, so it cannot be cut into {n} "
-                        f"components; use components <= {len(graph.units)}.")
-    return Split(graph, partition(graph.flops, n))
+    coarse = trace(model)
+    fine = trace(model, expand=ALL)
+    if n > len(fine.units):
+        raise UserError(f"{coarse.model} has {len(fine.units)} splittable blocks, so it cannot be cut into {n} "
+                        f"components; use components <= {len(fine.units)}.")
+    candidates = []
+    if n <= len(coarse.units):
+        candidates.append(Split(coarse, partition(coarse.flops, n)))
+    if fine.units != coarse.units:
+        cut = Split(fine, partition(fine.flops, n))
+        stacks: dict[str, set[int]] = {}
+        for u, name in enumerate(fine.units):
+            if ".transformer_blocks." in name:
+                stacks.setdefault(name.split(".transformer_blocks.")[0], set()).add(cut.component_of(u))
+        open_stacks = frozenset(name for name, comps in stacks.items() if len(comps) > 1)
+        graph = trace(model, expand=open_stacks)
+        comp_of = {name: cut.component_of(u) for u, name in enumerate(fine.units)}
+        comps = [comp_of.get(name, comp_of.get(f"{name}.transformer_blocks.0")) for name in graph.units]
+        if all(a <= b for a, b in zip(comps, comps[1:])) and len(set(comps)) == n:
+            candidates.append(Split(graph, tuple(comps.index(k) for k in range(n)) + (len(comps),)))
+    if not candidates:
+        raise UserError(f"{coarse.model} cannot be cut into {n} balanced components.")
+    return min(candidates, key=lambda s: max(s.costs) + s.graph.shared_flops)
 
 
 def _range_text(names: tuple[str, ...]) -> str:

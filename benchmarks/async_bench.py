@@ -1,0 +1,242 @@
+"""Asynchronous denoising benchmark: a 50-step CFG denoising loop of a random-weight UNet, single GPU vs AsyncDenoise.
+
+    torchrun --nproc-per-node 2 benchmarks/async_bench.py --arch sdxl --out benchmarks/results/async-h200   # GPU
+    torchrun --nproc-per-node 2 benchmarks/async_bench.py --tiny --out /tmp/async-tiny                     # CPU/gloo
+
+Configurations (ranks = world size W): baseline on rank 0 (eager, and torch.compile mode="reduce-overhead"),
+AsyncDenoise N=W stride 1, and N=W-1 stride 2 (N=1 on 2 GPUs: both ranks hold the model and compute two steps per
+round), each with torch.compile + CUDA graphs on GPU. Every configuration runs one untimed generation (compile,
+graph capture), then `--repeats` timed ones (CUDA events / perf_counter; median). Peak memory is per rank, measured
+after the weights of the other components were dropped. Writes async-bench.json and async-bench.md to `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+ARCHS = {"sdxl": ("stable-diffusion-xl-base-1.0", 1024), "sd21": ("stable-diffusion-2-1", 768)}
+
+
+def tiny_unet():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
+        block_out_channels=(32, 64), attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).eval().requires_grad_(False)
+
+
+def build(arch: str | None, dtype, device):
+    if arch is None:
+        return tiny_unet().to(device, dtype)
+    from paradiff.archs import build_model
+
+    return build_model(arch, dtype=dtype, device=device)
+
+
+def call_inputs(unet, size: int, dtype, device) -> tuple[torch.Tensor, dict]:
+    """Latent (batch 1) and the CFG-doubled conditioning a pipeline would pass."""
+    cfg = unet.config
+    g = torch.Generator("cpu").manual_seed(0)
+    side = size // 8
+    cross = cfg.cross_attention_dim
+    cross = cross[0] if isinstance(cross, (list, tuple)) else cross
+    latent = torch.randn(1, cfg.in_channels, side, side, generator=g).to(device, dtype)
+    kwargs = {"encoder_hidden_states": torch.randn(2, 77, cross, generator=g).to(device, dtype)}
+    if cfg.addition_embed_type == "text_time":
+        text_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(2, text_dim, generator=g).to(device, dtype),
+            "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * 2, dtype=dtype, device=device)}
+    return latent, kwargs
+
+
+def denoise(unet, sched, latent, kwargs, steps: int, guidance: float = 5.0) -> torch.Tensor:
+    sched.set_timesteps(steps, device=latent.device)
+    x = latent * sched.init_noise_sigma
+    for t in sched.timesteps:
+        inp = sched.scale_model_input(torch.cat([x, x]), t)
+        eps = unet(inp, t, return_dict=False, **kwargs)[0]
+        uncond, cond = eps.chunk(2)
+        x = sched.step(uncond + guidance * (cond - uncond), t, x, return_dict=False)[0]
+    return x
+
+
+def timed(fn, repeats: int, device) -> tuple[list[float], torch.Tensor]:
+    out = fn()  # untimed: compilation, graph capture
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            out = fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            out = fn()
+            times.append(time.perf_counter() - t0)
+    return times, out
+
+
+def reset_memory(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gb(device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def gather(obj):
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def run(args) -> int:
+    from diffusers import DDIMScheduler
+
+    from paradiff import runtime
+    from paradiff.methods.asyncdenoise import apply_to_module
+    from paradiff.methods.split import explain_split
+
+    rt = runtime.init(args.device)
+    device, world = rt.device, rt.world_size
+    if world < 2:
+        print("run me under torchrun --nproc-per-node 2 (or more)", file=sys.stderr)
+        return 2
+    torch.set_num_threads(1 if device.type == "cpu" else torch.get_num_threads())
+    gpu = device.type == "cuda"
+    dtype = torch.float16 if gpu else torch.float32
+    compile_backend = args.compile_backend or ("inductor" if gpu else None)
+    graphs = gpu and not args.no_graphs
+    archs = [(None, 128, "tiny")] if args.tiny else [(*ARCHS[a], a) for a in args.arch]
+    steps = args.steps or (6 if args.tiny else 50)
+    rows, errors = [], []
+    group = runtime.mesh({"async": world}).get_group("async")
+    for arch, size, label in archs:
+        explain = None
+        sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+        # baseline on rank 0 (the others wait)
+        if rt.is_main:
+            unet = build(arch, dtype, device)
+            full_params = sum(p.numel() for p in unet.parameters())
+            latent, kwargs = call_inputs(unet, size, dtype, device)
+            variants = [("serial eager", unet)]
+            if compile_backend:
+                mode = "reduce-overhead" if gpu else None
+                variants.append((f"serial compiled ({mode or compile_backend})",
+                                 torch.compile(unet, backend=compile_backend, mode=mode)))
+            for name, model in variants:
+                reset_memory(device)
+                with torch.no_grad():
+                    times, ref = timed(lambda: denoise(model, sched, latent, kwargs, steps), args.repeats, device)
+                rows.append(dict(arch=label, size=size, steps=steps, config=name, ranks=1, median_s=statistics.median(times),
+                                 times=times, peak_gb=[peak_gb(device)], params=[full_params]))
+                print(f"[{label}] {name}: {statistics.median(times):.3f} s", flush=True)
+            del unet, variants, model
+        dist.barrier()
+        for n, stride in ((world, 1), (world - 1, 2)):
+            name = f"async N={n} stride {stride}" + (" compiled" if compile_backend else "") + (" +graphs" if graphs else "")
+            try:
+                unet = build(arch, dtype, device)
+                latent, kwargs = call_inputs(unet, size, dtype, device)
+                if rt.is_main and stride == 1:
+                    print(explain_split(unet, n), flush=True)
+                    explain = explain_split(unet, n)
+                apply_to_module(unet, group, lambda: sched, stride=stride, warmup_steps=args.warmup_steps,
+                                compile=compile_backend or False, cuda_graph=graphs)
+                params = sum(p.numel() for p in unet.parameters())
+                reset_memory(device)
+                with torch.no_grad():
+                    times, out = timed(lambda: denoise(unet, sched, latent, kwargs, steps), args.repeats, device)
+                info = gather((times, peak_gb(device), params, float(out.float().abs().mean())))
+                if rt.is_main:
+                    times = info[0][0]
+                    rows.append(dict(arch=label, size=size, steps=steps, config=name, ranks=world,
+                                     median_s=statistics.median(times), times=times,
+                                     peak_gb=[i[1] for i in info], params=[i[2] for i in info],
+                                     warmup_steps=args.warmup_steps, explain=explain))
+                    print(f"[{label}] {name}: {statistics.median(times):.3f} s", flush=True)
+                del unet
+            except Exception:  # noqa: BLE001 - record and go on: one failing configuration must not lose the others
+                errors.append(dict(arch=label, config=name, rank=rt.rank, error=traceback.format_exc()[-2000:]))
+                print(f"[{label}] {name} failed on rank {rt.rank}:\n{traceback.format_exc()}", flush=True)
+                break
+    if rt.is_main:
+        write(args, rows, errors, device)
+    runtime.shutdown()
+    return 1 if errors else 0
+
+
+def write(args, rows, errors, device) -> None:
+    import diffusers
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for row in rows:
+        base = next((r for r in rows if r["arch"] == row["arch"] and r["config"].startswith("serial compiled")),
+                    next(r for r in rows if r["arch"] == row["arch"] and r["config"] == "serial eager"))
+        row["speedup_vs"] = base["config"]
+        row["speedup"] = base["median_s"] / row["median_s"]
+    meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+                torch=torch.__version__, diffusers=diffusers.__version__, command=" ".join(sys.argv),
+                world_size=dist.get_world_size(), cfg_batch=2, dtype="fp16" if device.type == "cuda" else "fp32")
+    (out / "async-bench.json").write_text(json.dumps(dict(meta=meta, results=rows, errors=errors), indent=2))
+    lines = [f"# AsyncDenoise benchmark ({meta['device']}, {meta['date']})", "",
+             f"`{meta['command']}` (torch {meta['torch']}, diffusers {meta['diffusers']}, {meta['dtype']}, "
+             "CFG batch 2, DDIM)", "",
+             "| model | size | steps | config | ranks | median s | speedup | peak GiB per rank | params M per rank |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        peaks = ", ".join("-" if p is None else f"{p:.1f}" for p in r["peak_gb"])
+        params = ", ".join(f"{p / 1e6:.0f}" for p in r["params"])
+        lines.append(f"| {r['arch']} | {r['size']} | {r['steps']} | {r['config']} | {r['ranks']} | "
+                     f"{r['median_s']:.3f} | {r['speedup']:.2f}x | {peaks} | {params} |")
+    for e in errors:
+        lines.append(f"\nFAILED {e['arch']} {e['config']} (rank {e['rank']}): `{e['error'].strip().splitlines()[-1]}`")
+    explain = [r["explain"] for r in rows if r.get("explain")]
+    if explain:
+        lines += ["", "Split (N = world size):", "```", *dict.fromkeys(explain), "```"]
+    (out / "async-bench.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", nargs="+", default=["sdxl", "sd21"], choices=sorted(ARCHS))
+    p.add_argument("--tiny", action="store_true", help="tiny random UNet (CPU/gloo smoke run)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default 50; 6 with --tiny)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup-steps", type=int, default=3)
+    p.add_argument("--device", default=None, choices=("cpu", "cuda"))
+    p.add_argument("--compile-backend", default=None, help="torch.compile backend (default: inductor on GPU, off on CPU)")
+    p.add_argument("--no-graphs", action="store_true", help="no CUDA graphs for the async steps")
+    p.add_argument("--out", required=True, help="output folder for async-bench.json / .md")
+    return run(p.parse_args())
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("PARADIFF_TIMEOUT", "1800")  # rank 0 compiles the baseline while the others wait
+    sys.exit(main())

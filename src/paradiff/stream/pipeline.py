@@ -27,6 +27,32 @@ from paradiff.stream.schedule import build_schedule, denoise, to_epsilon
 from paradiff.stream.similarity import SimilarityFilter
 
 
+def _unet_eps(unet, x, t, emb):
+    return unet(x, t, encoder_hidden_states=emb, return_dict=False)[0]
+
+
+def _encode_latents(vae, images, tiny: bool):
+    if tiny:
+        return vae.encode(images).latents * vae.config.scaling_factor
+    return vae.encode(images).latent_dist.mode() * vae.config.scaling_factor
+
+
+def _decode_latents(vae, latents):
+    return vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(fn):
+    """One torch.compile'd wrapper per function for the whole process, so streams built on the same modules (a
+    prompt/size change, a benchmark's configurations) reuse compiled graphs; shapes are static (one graph per
+    batch size) because the step is replayed from a CUDA graph anyway."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=False)
+    return _COMPILED[fn]
+
+
 def _rows(values: torch.Tensor, per: int) -> torch.Tensor:
     """Per-step values -> per-batch-row values shaped (rows, 1, 1, 1) (row = step * per + frame)."""
     return values.repeat_interleave(per).view(-1, 1, 1, 1)
@@ -104,9 +130,9 @@ class StreamPipeline:
         use_graph = self.device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
         if use_graph and self.device.type != "cuda":
             raise UserError("cuda_graph=True needs the pipeline on a CUDA device.")
-        self._unet = torch.compile(unet) if compile else unet
-        self._encode = torch.compile(self._encode_impl) if compile else self._encode_impl
-        self._decode = torch.compile(self._decode_impl) if compile else self._decode_impl
+        self._unet_fn = _compiled(_unet_eps) if compile else _unet_eps
+        self._encode_fn = _compiled(_encode_latents) if compile else _encode_latents
+        self._decode_fn = _compiled(_decode_latents) if compile else _decode_latents
         s = self.schedule
         self._a, self._b = _rows(s.alpha, f), _rows(s.beta, f)
         self._cskip, self._cout = _rows(s.c_skip, f), _rows(s.c_out, f)
@@ -251,13 +277,14 @@ class StreamPipeline:
             state += [t for t in self.filter.state().values()]
         return state
 
-    def _encode_impl(self, images: torch.Tensor) -> torch.Tensor:
-        if self.tiny:
-            return self.vae.encode(images).latents * self.vae.config.scaling_factor
-        return self.vae.encode(images).latent_dist.mode() * self.vae.config.scaling_factor
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self._encode_fn(self.vae, images, self.tiny)
 
-    def _decode_impl(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self._decode_fn(self.vae, latents)
+
+    def _unet(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self._unet_fn(self.pipe.unet, x, t, self._emb)
 
     def _img2img_step(self) -> torch.Tensor:
         f = self.frame_buffer_size
@@ -279,17 +306,16 @@ class StreamPipeline:
         f, a, b, kind = self.frame_buffer_size, self._a, self._b, self.schedule.prediction_type
         mode = self.guidance
         if mode == "full":
-            out = self._unet(torch.cat([x, x]), self._t_unet, encoder_hidden_states=self._emb, return_dict=False)[0]
+            out = self._unet(torch.cat([x, x]), self._t_unet)
             eps_u, eps_c = to_epsilon(out[: self.batch], x, a, b, kind), to_epsilon(out[self.batch:], x, a, b, kind)
             return combine(eps_c, eps_u, self._scale), None
         if mode == "initialize":
-            out = self._unet(torch.cat([x[:f], x]), self._t_unet, encoder_hidden_states=self._emb,
-                             return_dict=False)[0]
+            out = self._unet(torch.cat([x[:f], x]), self._t_unet)
             eps_u0 = to_epsilon(out[:f], x_new, a[:f], b[:f], kind)
             eps_c = to_epsilon(out[f:], x, a, b, kind)
             neg_new = (x_new - b[:f] * eps_u0) / a[:f]  # x0 predicted from the negative prompt at the first step
         else:
-            out = self._unet(x, self._t_unet, encoder_hidden_states=self._emb, return_dict=False)[0]
+            out = self._unet(x, self._t_unet)
             eps_c = to_epsilon(out, x, a, b, kind)
             if mode == "none":
                 return eps_c, None

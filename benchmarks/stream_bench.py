@@ -1,0 +1,374 @@
+"""Stream throughput and latency: paradiff.StreamPipeline vs diffusers' AutoPipelineForImage2Image, same run.
+
+GPU (default): SD-Turbo's UNet + TAESD with RANDOM weights (speed does not depend on weight values), fp16, 512x512,
+uint8 frames in and out. Configurations, most important first (a time budget skips what does not fit):
+  img2img 1 step x batch 4, txt2img 1 step x batch 4, stream batch of 4 steps x 1 frame, img2img 1 step x 1
+  (latency), each with the step as a CUDA graph, eager modules ("graph") and torch.compile'd modules ("compile").
+Throughput = frames (or images) per second over back-to-back calls on frames already on the GPU; latency = one
+numpy frame in -> numpy frame out, host copies included. The diffusers baseline runs the same modules eagerly
+(1 step: num_inference_steps=2, strength=0.5, PIL in and out, which is how the pipeline is used).
+`--tiny` runs the same code on a toy pipeline (CPU is fine) so the script itself is tested.
+`--fidelity` measures, on the few-step reference model, prompt adherence per guidance mode and the similarity
+filter's skip rates (CPU is fine).
+
+    python benchmarks/stream_bench.py --out benchmarks/results/stream-h100
+    python benchmarks/stream_bench.py --tiny --device cpu --out /tmp/stream-tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CONFIGS = [
+    # name, kind, t_index_list, frame_buffer_size, guidance
+    ("img2img-1step-b4", "img2img", [35], 4, "none"),
+    ("txt2img-1step-b4", "txt2img", [0], 4, "none"),
+    ("stream-4step-b1", "img2img", [0, 16, 32, 45], 1, "none"),
+    ("img2img-1step-b1", "img2img", [35], 1, "none"),
+    ("stream-2step-self-b1", "img2img", [32, 45], 1, "self"),
+    ("txt2img-1step-b8", "txt2img", [0], 8, "none"),
+]
+
+
+def _versions() -> dict:
+    import diffusers
+    import transformers
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__}
+    if torch.cuda.is_available():
+        info["cuda"] = torch.version.cuda
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _build(args, device, dtype):
+    if args.tiny:
+        from paradiff.stream.tiny import tiny_pipeline, tiny_taesd
+
+        pipe = tiny_pipeline("euler", device=device, dtype=dtype)
+        return pipe, tiny_taesd().to(device, dtype)
+    from paradiff.archs import build_model, build_pipeline
+
+    pipe = build_pipeline(args.arch, dtype=dtype, device=device)
+    pipe.set_progress_bar_config(disable=True)
+    taesd = build_model("taesd", "vae", dtype=dtype, device=device)
+    return pipe, taesd
+
+
+def _time_calls(fn, device, iters: int, warmup: int) -> float:
+    """Seconds per call over `iters` back-to-back calls (one sync at the end)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) / iters
+
+
+def _time_each(fn, device, iters: int) -> list[float]:
+    times = []
+    for _ in range(iters):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def bench_stream(pipe, taesd, cfg, engine, args, device, size):
+    from paradiff import StreamPipeline
+
+    name, kind, t_index, fbs, guidance = cfg
+    use_graph = device.type == "cuda" and engine in ("graph", "compile")
+    stream = StreamPipeline(pipe, t_index, guidance=guidance, frame_buffer_size=fbs, tiny_vae=taesd,
+                            height=size, width=size, cuda_graph=use_graph, compile=engine == "compile")
+    stream.prepare("a watercolor painting of a cat", guidance_scale=1.2)
+    rng = np.random.default_rng(0)
+    host = rng.integers(0, 256, (fbs, size, size, 3), dtype=np.uint8)
+    frames = torch.from_numpy(host).to(device)
+    call = (lambda: stream.txt2img()) if kind == "txt2img" else (lambda: stream(frames))
+    start = time.perf_counter()
+    call()  # warm start, compile and capture
+    _sync(device)
+    setup_s = time.perf_counter() - start
+    per_call = _time_calls(call, device, args.iters, args.warmup)
+    row = {"config": name, "engine": engine, "kind": kind, "t_index_list": t_index, "frame_buffer_size": fbs,
+           "guidance": guidance, "unet_batch": len(t_index) * fbs * (2 if guidance == "full" else 1),
+           "ms_per_call": round(per_call * 1e3, 3), "frames_per_s": round(fbs / per_call, 1),
+           "setup_s": round(setup_s, 1)}
+    if kind == "img2img" and fbs == 1:  # host round trip: numpy in -> numpy out, one frame at a time
+        one = host[0]
+        times = _time_each(lambda: stream(one), device, args.iters)
+        row["latency_ms_median"] = round(float(np.median(times)) * 1e3, 3)
+        row["latency_ms_p90"] = round(float(np.percentile(times, 90)) * 1e3, 3)
+    del stream
+    return row
+
+
+def check_graph(pipe, taesd, device, size, modes=(False, True)) -> dict:
+    """The CUDA-graph step gives the eager step's frames (self-RCFG, 2 steps, 2 frames per call, with the
+    similarity filter), and the filter skips a static input."""
+    from paradiff import StreamPipeline
+
+    rng = np.random.default_rng(0)
+    clip = [torch.from_numpy(rng.integers(0, 256, (2, size, size, 3), dtype=np.uint8)).to(device) for _ in range(4)]
+    clip += [clip[-1]] * 12  # static tail: the filter should skip most of it
+    outs = {}
+    for graph in modes:
+        stream = StreamPipeline(pipe, [32, 45], guidance="self", frame_buffer_size=2, tiny_vae=taesd, height=size,
+                                width=size, cuda_graph=graph, similarity_filter=0.98, max_skip_frames=5)
+        stream.prepare("a watercolor painting of a cat", guidance_scale=1.3)
+        outs[graph] = ([stream(frame).clone() for frame in clip], stream.stats())
+    diffs = [int((a.int() - b.int()).abs().max()) for a, b in zip(outs[modes[0]][0], outs[modes[-1]][0])]
+    return {"graph_vs_eager_max_abs_diff_uint8": max(diffs), "filter_eager": outs[modes[0]][1],
+            "filter_graph": outs[modes[-1]][1]}
+
+
+def bench_diffusers(pipe, taesd, batch, args, device, size):
+    from diffusers import AutoPipelineForImage2Image
+    from PIL import Image
+
+    img2img = AutoPipelineForImage2Image.from_pipe(pipe, vae=taesd)
+    img2img.set_progress_bar_config(disable=True)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(batch)]
+    prompt = ["a watercolor painting of a cat"] * batch
+    steps = 2 if not args.tiny else 2
+
+    def call():
+        return img2img(prompt, image=images if batch > 1 else images[0], num_inference_steps=steps, strength=0.5,
+                       guidance_scale=0.0, output_type="pil").images
+
+    out = call()
+    assert len(out) == batch and out[0].size == (size, size)
+    per_call = _time_calls(call, device, max(3, args.iters // 4), 1)
+    return {"config": f"diffusers-img2img-1step-b{batch}", "engine": "diffusers eager", "kind": "img2img",
+            "frame_buffer_size": batch, "ms_per_call": round(per_call * 1e3, 3),
+            "frames_per_s": round(batch / per_call, 1), "pipeline": type(img2img).__name__}
+
+
+def run_speed(args) -> dict:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    size = args.size or (64 if args.tiny else 512)
+    t0 = time.perf_counter()
+    pipe, taesd = _build(args, device, dtype)
+    result = {"command": " ".join([Path(sys.executable).name] + sys.argv), "date": datetime.datetime.now(
+        datetime.timezone.utc).isoformat(timespec="seconds"), "device": str(device), "versions": _versions(),
+        "model": "tiny random" if args.tiny else f"{args.arch} UNet + text encoder, TAESD (random weights)",
+        "size": size, "dtype": str(dtype).replace("torch.", ""), "build_s": round(time.perf_counter() - t0, 1),
+        "rows": [], "errors": [], "skipped": []}
+    engines = args.engines.split(",")
+    configs = [c for c in CONFIGS if not args.configs or c[0] in args.configs.split(",")]
+
+    def save():
+        write_results(result, args.out)
+
+    def stream_pass(engine):
+        for cfg in configs:
+            if time.perf_counter() - t0 > args.budget_s:
+                result["skipped"].append(f"{cfg[0]} / {engine}: over the {args.budget_s:.0f} s budget")
+                continue
+            try:
+                row = bench_stream(pipe, taesd, cfg, engine, args, device, size)
+                result["rows"].append(row)
+                print(json.dumps(row), flush=True)
+            except Exception as err:  # noqa: BLE001 - record and go on: partial results are still results
+                result["errors"].append(f"{cfg[0]} / {engine}: {type(err).__name__}: {err}")
+                traceback.print_exc()
+            save()
+            gc.collect()  # a stream and its captured graph form a reference cycle
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def diffusers_pass():
+        for batch in (1, 4):
+            try:
+                row = bench_diffusers(pipe, taesd, batch, args, device, size)
+                result["rows"].append(row)
+                print(json.dumps(row), flush=True)
+            except Exception as err:  # noqa: BLE001
+                result["errors"].append(f"diffusers b{batch}: {type(err).__name__}: {err}")
+                traceback.print_exc()
+            save()
+
+    if device.type == "cuda" and not args.no_check:
+        try:
+            result["checks"] = check_graph(pipe, taesd, device, size)
+            print(json.dumps(result["checks"]), flush=True)
+        except Exception as err:  # noqa: BLE001
+            result["errors"].append(f"graph check: {type(err).__name__}: {err}")
+            traceback.print_exc()
+        save()
+    # cheap engines first, then the diffusers baseline, then compilation (slow to start) within the budget
+    for engine in [e for e in engines if e != "compile"]:
+        stream_pass(engine)
+    if not args.no_baseline:
+        diffusers_pass()
+    if "compile" in engines:
+        stream_pass("compile")
+    result["ratios"] = ratios(result["rows"])
+    result["total_s"] = round(time.perf_counter() - t0, 1)
+    save()
+    return result
+
+
+def ratios(rows: list[dict]) -> dict:
+    """Throughput of the best paradiff engine over diffusers', for the same batch of 1-step img2img."""
+    out = {}
+    for batch in (1, 4):
+        base = [r for r in rows if r["config"] == f"diffusers-img2img-1step-b{batch}"]
+        ours = [r for r in rows if r["config"] == f"img2img-1step-b{batch}"]
+        if base and ours:
+            best = max(ours, key=lambda r: r["frames_per_s"])
+            out[f"img2img-1step-b{batch}"] = {"paradiff_engine": best["engine"],
+                                               "speedup": round(best["frames_per_s"] / base[0]["frames_per_s"], 2)}
+    return out
+
+
+def run_fidelity(args) -> dict:
+    """Prompt adherence (reference checker) per guidance mode, and the similarity filter's skip rates."""
+    import os
+
+    from diffusers import StableDiffusionPipeline
+
+    from paradiff import StreamPipeline
+    from paradiff.reference import FAST_MODEL
+    from paradiff.reference.checker import check
+    from paradiff.reference.data import heldout_set, parse_caption, render_numpy
+
+    if not os.path.isfile(os.path.join(FAST_MODEL, "model_index.json")):
+        raise SystemExit(f"the few-step reference model is not built yet ({FAST_MODEL}).")
+    torch.set_num_threads(max(1, args.threads))
+    device = torch.device(args.device or "cpu")
+    pipe = StableDiffusionPipeline.from_pretrained(FAST_MODEL, safety_checker=None, requires_safety_checker=False)
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = heldout_set(args.prompts)
+    t_index = [int(v) for v in args.t_index.split(",")]
+    result = {"command": " ".join([Path(sys.executable).name] + sys.argv), "date": datetime.datetime.now(
+        datetime.timezone.utc).isoformat(timespec="seconds"), "device": str(device), "versions": _versions(),
+        "model": "reference FAST_MODEL", "t_index_list": t_index, "prompts": len(prompts), "rows": []}
+    for guidance, scale in (("none", 1.0), ("self", args.scale), ("initialize", args.scale), ("full", args.scale)):
+        for task in ("txt2img", "img2img"):
+            matched = 0
+            stream = StreamPipeline(pipe, t_index, guidance=guidance)
+            for caption, seed in prompts:
+                stream.prepare(caption, negative_prompt="", guidance_scale=scale, seed=seed)
+                if task == "txt2img":
+                    image = stream.txt2img()[0].cpu().numpy()
+                else:  # restyle: the input shows another scene; the output should follow the prompt
+                    other = prompts[(prompts.index((caption, seed)) + 1) % len(prompts)][0]
+                    frame = render_numpy([parse_caption(other)])[0]
+                    image = stream(frame)
+                matched += bool(check(image, caption).matched)
+            row = {"task": task, "guidance": guidance, "guidance_scale": scale,
+                   "adherence": round(matched / len(prompts), 3)}
+            result["rows"].append(row)
+            print(json.dumps(row), flush=True)
+    # similarity filter on a static and a moving clip of reference scenes
+    from paradiff.reference.data import Scene  # noqa: F401  (the renderer's scenes)
+
+    base = render_numpy([parse_caption(prompts[0][0])])[0]
+    rng = np.random.default_rng(0)
+    static = [np.clip(base.astype(int) + rng.integers(-3, 4, base.shape), 0, 255).astype(np.uint8) for _ in range(60)]
+    moving = [np.roll(base, 4 * i, axis=1) for i in range(60)]
+    for name, clip in (("static", static), ("moving", moving)):
+        stream = StreamPipeline(pipe, t_index, similarity_filter=args.filter_threshold)
+        stream.prepare(prompts[0][0])
+        for frame in clip:
+            stream(frame)
+        stats = stream.stats()
+        row = {"filter_clip": name, "threshold": args.filter_threshold, **stats,
+               "skip_rate": round(stats["skipped"] / stats["frames"], 3)}
+        result["rows"].append(row)
+        print(json.dumps(row), flush=True)
+    write_results(result, args.out, stem="stream-fidelity")
+    return result
+
+
+def write_results(result: dict, out: str | None, stem: str = "stream-bench") -> None:
+    if not out:
+        return
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"# {stem}", "", f"- command: `{result['command']}`", f"- date: {result['date']}",
+             f"- device: {result['device']} {result['versions'].get('gpu', '')}",
+             "- versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items() if k != "gpu"),
+             f"- model: {result['model']}", ""]
+    rows = result.get("rows", [])
+    if rows:
+        keys = []
+        for row in rows:
+            keys += [k for k in row if k not in keys]
+        lines.append("| " + " | ".join(keys) + " |")
+        lines.append("|" + "---|" * len(keys))
+        for row in rows:
+            lines.append("| " + " | ".join(str(row.get(k, "")) for k in keys) + " |")
+    for key in ("ratios", "errors", "skipped"):
+        if result.get(key):
+            lines += ["", f"{key}: `{json.dumps(result[key])}`"]
+    (folder / f"{stem}.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", help="folder for stream-bench.json/.md")
+    p.add_argument("--device", default=None)
+    p.add_argument("--tiny", action="store_true", help="toy pipeline (CPU ok): tests this script")
+    p.add_argument("--arch", default="sd-turbo")
+    p.add_argument("--size", type=int, default=None)
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--engines", default=None, help="comma list of graph,compile,eager (default: graph,compile on "
+                                                    "CUDA, eager on CPU)")
+    p.add_argument("--configs", default=None, help="comma list of config names (default: all)")
+    p.add_argument("--budget-s", type=float, default=360.0, help="skip configurations started after this")
+    p.add_argument("--no-baseline", action="store_true", help="skip the diffusers baseline")
+    p.add_argument("--no-check", action="store_true", help="skip the graph-vs-eager check on CUDA")
+    p.add_argument("--fidelity", action="store_true", help="reference-model adherence and filter rates instead")
+    p.add_argument("--prompts", type=int, default=32)
+    p.add_argument("--t-index", default="20,35")
+    p.add_argument("--scale", type=float, default=1.5)
+    p.add_argument("--filter-threshold", type=float, default=0.98)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    if args.fidelity:
+        run_fidelity(args)
+        return 0
+    if args.engines is None:
+        args.engines = "graph,compile" if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) \
+            .startswith("cuda") else "eager"
+    if args.tiny:
+        torch.set_num_threads(1)
+    import torch._dynamo as dynamo
+
+    dynamo.config.cache_size_limit = 64  # one graph per batch size and module, across configurations
+    result = run_speed(args)
+    print(json.dumps({"ratios": result["ratios"], "errors": result["errors"], "skipped": result["skipped"]}))
+    return 1 if result["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""benchmarks/stream_bench.py runs end to end on a tiny CPU pipeline and writes JSON + markdown."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+torch.set_num_threads(1)
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "stream_bench.py"
+
+
+def test_stream_bench_tiny(tmp_path):
+    spec = importlib.util.spec_from_file_location("stream_bench", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    code = bench.main(["--tiny", "--device", "cpu", "--iters", "2", "--warmup", "0", "--out", str(tmp_path),
+                       "--configs", "img2img-1step-b1,stream-2step-self-b1"])
+    assert code == 0
+    result = json.loads((tmp_path / "stream-bench.json").read_text())
+    configs = {row["config"] for row in result["rows"]}
+    assert {"img2img-1step-b1", "stream-2step-self-b1", "diffusers-img2img-1step-b1"} <= configs
+    assert all(row["frames_per_s"] > 0 for row in result["rows"])
+    assert result["ratios"]["img2img-1step-b1"]["speedup"] > 0
+    assert result["versions"]["diffusers"] and result["date"] and result["command"]
+    assert "| config |" in (tmp_path / "stream-bench.md").read_text()

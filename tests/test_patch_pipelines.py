@@ -31,7 +31,7 @@ def _img2img(pipe):
 
 def _check_pipelines(cases):
     """cases: (name, kind, method names + kwargs, img2img); returns max |parallel - serial| per case."""
-    from paradiff import CFGParallel, PatchParallel, parallelize
+    from paradiff import CFGParallel, PatchParallel, parallelize, runtime
 
     init = np.random.default_rng(0).random((1, 32, 32, 3)).astype(np.float32)
     out = {}
@@ -42,7 +42,11 @@ def _check_pipelines(cases):
         pipe = _img2img(_build(kind)) if img2img else _build(kind)
         built = [CFGParallel() if m == "cfg" else PatchParallel(**kw) for m, kw in methods]
         parallelize(pipe, *built)
-        out[name] = float(np.abs(_run(pipe, **extra) - serial).max())
+        images = _run(pipe, **extra)
+        if runtime.get().rank == 0 or "all-ranks" in name:
+            out[name] = float(np.abs(images - serial).max())
+        elif any(m == "patch" for m, _ in methods):  # only rank 0 decodes by default
+            out[name + "-not-decoded"] = float(np.abs(images - 0.5).max())
         if name == "sd-patch4-exact":  # a latent height that cannot be split gives one clear error
             try:
                 _run(pipe, steps=1, height=40, width=32)
@@ -58,6 +62,7 @@ EXACT = {"warmup_steps": 100}
 def test_pipelines_two_ranks():
     cases = [
         ("sd-patch-exact", "sd", [("patch", EXACT)], False),
+        ("sd-patch-exact-all-ranks", "sd", [("patch", {**EXACT, "decode": "all"})], False),
         ("sd-cfg", "sd", [("cfg", {})], False),
         ("sd-patch-default", "sd", [("patch", {})], False),
         ("sd-img2img-patch-exact", "sd", [("patch", EXACT)], True),
@@ -66,7 +71,9 @@ def test_pipelines_two_ranks():
     ]
     for out in run_ranks(_check_pipelines, 2, cases):
         for name, err in out.items():
-            if "default" in name:
+            if "not-decoded" in name:
+                assert err == 0.0, f"{name}: a rank other than 0 decoded an image"
+            elif "default" in name:
                 assert 1e-6 < err < 0.2, f"{name}: stale steps should change the image a little, max diff {err}"
             else:
                 assert err < 1e-4, f"{name}: max diff {err} vs serial"
@@ -80,7 +87,7 @@ def test_cfg_times_patch_four_ranks():
         bad = out.pop("bad-size")
         assert bad.startswith("UserError") and "multiple of 8" in bad and "16 px" in bad, bad
         for name, err in out.items():
-            assert err < 1e-4, f"{name}: max diff {err} vs serial"
+            assert err < 1e-4 or ("not-decoded" in name and err == 0.0), f"{name}: max diff {err} vs serial"
 
 
 def test_bad_configuration_errors():

@@ -148,7 +148,7 @@ def bench_config(name, args, rt, device, dtype):
         torch.cuda.reset_peak_memory_stats(device)
     unet = build_unet(args, device, dtype)
     kwargs = make_inputs(unet, args, device, dtype)
-    reset = None
+    reset, hook = None, None
     stale_from = 0
     if name == "baseline":
         if backend == "inductor":
@@ -168,10 +168,11 @@ def bench_config(name, args, rt, device, dtype):
             apply_cfg(unet, mesh.get_group("cfg"))
         if "patch" in dims:
             eager = name == "patch-eager"
+            # nocomm only needs stale steps: one warm-up step (not compiled) saves compiling a synchronous graph
+            warmup = 1 if name == "patch-nocomm" else args.warmup_steps
             hook = apply_to_unet(unet, mesh.get_group("patch"), PatchParallel(
-                warmup_steps=args.warmup_steps, compile=False if eager else compile_opts,
-                cuda_graph=on_gpu and not eager))
-            reset, stale_from, step = hook.reset, args.warmup_steps, unet
+                warmup_steps=warmup, compile=False if eager else compile_opts, cuda_graph=on_gpu and not eager))
+            reset, stale_from, step = hook.reset, warmup, unet
         else:  # CFG alone: compile the hooked UNet, replay from a CUDA graph like the patch step
             step = torch.compile(unet, backend=backend) if backend else unet
             if on_gpu:
@@ -192,7 +193,9 @@ def bench_config(name, args, rt, device, dtype):
     if name == "patch-nocomm":
         fake_collectives(False)
     steady = [t for loop in loops for t in loop[max(stale_from, 1):]]
+    graph = getattr(hook, "_graph", None)
     result = {"config": name, "step_ms": statistics.median(steady),
+              "cuda_graph_replays": getattr(graph, "replays", 0) if graph is not None else 0,
               "loop_ms": statistics.median(sum(loop) for loop in loops),
               "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if on_gpu else None}
     del unet, step
@@ -203,12 +206,14 @@ def default_configs(world):
     if world == 1:
         return ["baseline"]
     if world == 2:
-        return ["baseline", "patch", "patch-nocomm", "cfg"]
-    return ["baseline", "patch", "patch-nocomm", "cfg+patch"]
+        return ["baseline", "patch", "patch-nocomm", "patch-eager", "cfg"]
+    return ["baseline", "patch", "patch-nocomm", "patch-eager", "cfg+patch"]
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.steps <= args.warmup_steps + 1:
+        raise SystemExit(f"--steps {args.steps} leaves no stale steps to time after --warmup-steps {args.warmup_steps}.")
     rt = runtime.init()
     device = rt.device
     if device.type == "cpu":

@@ -12,6 +12,7 @@ Steady-state steps can be compiled (`compile=True`) and replayed from a CUDA gra
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from typing import Any
 
@@ -134,6 +135,7 @@ class PatchHook(ModelHook):
         self._compiled = None
         self._graph = None
         self._stale_seen = 0
+        self._graph_failed = False
         self._pipe = None
         self._scheduler = None
 
@@ -193,14 +195,21 @@ class PatchHook(ModelHook):
             if self._compiled is None:
                 self._compiled = torch.compile(self._body, **compile_kwargs(self.config.compile))
             fn = self._compiled
-        if self.config.cuda_graph and not sync and sample.is_cuda:
+        if self.config.cuda_graph and not sync and sample.is_cuda and not self._graph_failed:
             self._stale_seen += 1
             if self._graph is not None or self._stale_seen > self.config.graph_warmup:
                 if self._graph is None:
                     from paradiff.cudagraph import GraphRunner
 
                     self._graph = GraphRunner(fn)
-                fn = self._graph
+                try:
+                    return self._graph(*args, **kwargs)
+                except RuntimeError as err:  # capture failed (the same way on every rank): carry on without graphs
+                    if self._graph.graph is not None:
+                        raise
+                    warnings.warn(f"patch parallel: CUDA graph capture failed, running without it ({err}).")
+                    self._graph, self._graph_failed = None, True
+                    self.exchange._pending.clear()
         return fn(*args, **kwargs)
 
     def _body(self, *args: Any, **kwargs: Any) -> Any:

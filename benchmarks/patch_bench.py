@@ -86,24 +86,26 @@ def make_inputs(unet, args, device, dtype, batch=2):
 
 # -- timing ---------------------------------------------------------------------------------------------------------
 class Timer:
+    """Per-step times: CUDA events read once at the end of the loop (no sync per step), or wall clock on CPU."""
+
     def __init__(self, device):
         self.cuda = device.type == "cuda"
+        self.marks = []
 
-    def start(self):
+    def mark(self):
         if self.cuda:
-            self._s = torch.cuda.Event(enable_timing=True)
-            self._e = torch.cuda.Event(enable_timing=True)
-            self._s.record()
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
         else:
-            self._t = time.perf_counter()
+            self.marks.append(time.perf_counter())
 
-    def stop(self) -> float:
-        """Milliseconds since start()."""
+    def steps_ms(self) -> list[float]:
+        marks, self.marks = self.marks, []
         if self.cuda:
-            self._e.record()
-            self._e.synchronize()
-            return self._s.elapsed_time(self._e)
-        return (time.perf_counter() - self._t) * 1e3
+            marks[-1].synchronize()
+            return [a.elapsed_time(b) for a, b in zip(marks, marks[1:])]
+        return [(b - a) * 1e3 for a, b in zip(marks, marks[1:])]
 
 
 def run_loop(step, kwargs, steps, timer, reset=None):
@@ -111,15 +113,14 @@ def run_loop(step, kwargs, steps, timer, reset=None):
     if reset is not None:
         reset()
     x = kwargs["sample"].clone()
-    times = []
+    timesteps = torch.linspace(999.0, 0.0, steps, device=x.device)
     with torch.no_grad():
+        timer.mark()
         for i in range(steps):
-            t = torch.tensor(999.0 - i * (999.0 / steps), device=x.device)
-            timer.start()
-            out = step(**{**kwargs, "sample": x, "timestep": t}, return_dict=False)[0]
-            times.append(timer.stop())
+            out = step(**{**kwargs, "sample": x, "timestep": timesteps[i]}, return_dict=False)[0]
             x = x - 0.02 * out.to(x.dtype)
-    return times
+            timer.mark()
+    return timer.steps_ms()
 
 
 def fake_collectives(on: bool):

@@ -147,12 +147,14 @@ def _check(results, exact_warmup=T):
                 assert r["vs_serial"] > 1e-4, r
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_unet_two_ranks_exact_and_matches_simulation():
     settings = [(T, False, 1, False), (2, False, 1, False), (2, True, 1, False)]
     _check(run_ranks(_async_vs_references, 2, "sd", settings))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_sdxl_unet_three_ranks_and_stride_two():
     # 3 ranks: N=3 stride 1, and N=2 stride 2 (two components + the lagging replica)
@@ -161,11 +163,13 @@ def test_sdxl_unet_three_ranks_and_stride_two():
     _check(run_ranks(_async_vs_references, 3, "sdxl", settings))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_sd3_transformer_two_ranks():
     _check(run_ranks(_async_vs_references, 2, "sd3", [(T, False, 1, False), (2, False, 1, False)]))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_cut_inside_a_deep_transformer_stack():
     results = run_ranks(_async_vs_references, 2, "deep", [(T, False, 1, False), (2, False, 1, False)])
@@ -173,6 +177,7 @@ def test_cut_inside_a_deep_transformer_stack():
     assert all(r["opened"] for rank in results for r in rank)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_compiled_equals_eager():
     results = run_ranks(_async_vs_references, 2, "sd", [(2, False, 1, "aot_eager")])
@@ -200,6 +205,7 @@ def _cfg_times_async():
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_cfg_times_async_four_ranks():
     for out in run_ranks(_cfg_times_async, 4):
@@ -267,6 +273,7 @@ def _wrong_rank_count():
     return None
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_rank_count_mismatch_is_a_user_error():
     for message in run_ranks(_wrong_rank_count, 2):

@@ -12,10 +12,12 @@ How it is built (the diffusers model code is not touched):
 - A controller hook on the denoiser reads the step index from the pipeline's scheduler, picks sync or async mode,
   applies time shift / stride, exchanges only the stale values each component needs (point-to-point, batched,
   once per step) and broadcasts the final noise prediction from the last component to the group.
-- Sync (warm-up) steps pass values down the pipeline of ranks within the step: serial maths, exact.
+- Sync (warm-up) steps pass values down the pipeline of ranks within the step: serial maths, exact. The first
+  sync step at new input shapes does it from inside the hooks (eager) and sizes the buffers; later steps, sync or
+  async, run the same static forward (compilable, graph-capturable) with communication before/after it.
 - Stride 2 (paper, sec. 3.4) uses N+1 ranks: one round every 2 steps; ranks 0..N-1 compute step j+1 from x_j and
   an extra rank computes the last component for step j, so compute and communication happen every other step.
-- Async-mode steps can run under `torch.compile` and, on CUDA, a captured CUDA graph (static inputs, static
+- The static steps can run under `torch.compile` and, on CUDA, a captured CUDA graph (static inputs, static
   buffers); communication stays outside the compiled/captured region, on the static buffers.
 What runs where: text encoders, VAE, the scheduler and the shared small layers run on every rank (identical
 results, off the critical path); each rank holds and runs only its component's blocks.
@@ -64,7 +66,9 @@ class _State:
         self.extra = stride == 2 and self.grank == self.n        # stride 2: the lagging replica of the last comp
         self.comp = min(self.grank, self.n - 1)
         self.plan = plan
-        self.mode = "sync"
+        self.mode = "discover"   # "discover": first sync step at new shapes, communication inside the hooks;
+        #                          "static": hooks only read receive buffers and fill send buffers
+        self.signature = None    # input signature the buffers were discovered for
         self.works: list = []
         self.send_buf: dict[tuple[int, int], torch.Tensor] = {}
         self.recv_buf: dict[tuple[int, int], torch.Tensor] = {}
@@ -89,15 +93,17 @@ class _State:
             self.placeholders[key] = torch.zeros(shape, dtype=dtype, device=device)
         return self.placeholders[key]
 
-    def exchange(self) -> None:
-        """Async mode, after this rank's compute: send this step's values, receive them for the next step."""
+    def exchange(self, send: bool, recv: bool) -> None:
+        """Post the sends of this rank's staged values and/or the receives of the values it consumes, as one batch
+        in the order every rank agrees on. Async steps do both after the compute (the values are for the next
+        step); sync steps receive before the compute and send after it."""
         ops = []
         for producer, leaf, src, dst in self.transfers:
-            if src == self.comp and not self.extra:
+            if send and src == self.comp and not self.extra:
                 for peer in self.ranks_of(dst):
                     ops.append(dist.P2POp(dist.isend, self.send_buf[(producer, leaf)], group=self.group,
                                           group_peer=peer))
-            if dst == self.comp:
+            if recv and dst == self.comp:
                 ops.append(dist.P2POp(dist.irecv, self.recv_buf[(producer, leaf)], group=self.group,
                                       group_peer=src))
         if ops:
@@ -130,11 +136,11 @@ class _UnitHook(ModelHook):
                     if buf is None or buf.shape != value.shape or buf.dtype != value.dtype:
                         buf = st.send_buf[key] = torch.empty_like(value, memory_format=torch.contiguous_format)
                     buf.copy_(value)
-                    if st.mode == "sync":
+                    if st.mode == "discover":
                         st.works.extend(dist.isend(buf, group=st.group, group_dst=peer) for peer in peers)
             return out
-        if st.mode == "async":
-            return self._out  # this generation's buffers (shapes are fixed after its first, synchronous step)
+        if st.mode == "static":
+            return self._out  # the buffers found by the last "discover" step (same input signature)
         spec, metas = self._structure(args, kwargs)
         device = next(x.device for x in pytree.tree_leaves((args, kwargs)) if _tensor(x))
         leaves = []
@@ -148,7 +154,7 @@ class _UnitHook(ModelHook):
                 buf = st.recv_buf.get(key)
                 if buf is None or buf.shape != shape or buf.dtype != dtype:
                     buf = st.recv_buf[key] = torch.zeros(shape, dtype=dtype, device=device)
-                if st.mode == "sync":
+                if st.mode == "discover":
                     src = st.plan.component_of(self.unit)
                     dist.recv(buf, group=st.group, group_src=src)
                 leaves.append(buf)
@@ -242,7 +248,7 @@ class _Controller(ModelHook):
     # -- running ------------------------------------------------------------------------------------------------
     def _run(self, args, kwargs):
         fn = self.fn_ref.original_forward
-        if self.state.mode == "sync" or not (self.compile or self.cuda_graph):
+        if self.state.mode == "discover" or not (self.compile or self.cuda_graph):
             return fn(*args, **kwargs)
         if self.compile and self._compiled is None:
             backend = self.compile if isinstance(self.compile, str) else "inductor"
@@ -285,10 +291,18 @@ class _Controller(ModelHook):
                 t_index = min(index + 1, last) - shift
         if t_index != index:
             args, kwargs = self._with_timestep(args, kwargs, ts[t_index])
-        st.mode = "sync" if sync else "async"
-        out = self._run(args, kwargs)
-        if not sync:
-            st.exchange()
+        signature = _signature((args, kwargs))
+        if sync and signature != st.signature:
+            st.mode = "discover"  # new shapes: find them while passing the values down the ranks (eager)
+            out = self._run(args, kwargs)
+            st.signature = signature
+        else:
+            st.mode = "static"
+            if sync:
+                st.exchange(send=False, recv=True)
+                st.wait()
+            out = self._run(args, kwargs)
+            st.exchange(send=True, recv=not sync)
         st.wait()
         leaves, self._out_spec = pytree.tree_flatten(out)
         self._out_meta = [(x.shape, x.dtype, x.device) if _tensor(x) else (None, None, None) for x in leaves]

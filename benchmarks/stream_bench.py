@@ -266,13 +266,14 @@ def run_fidelity(args) -> dict:
     pipe.set_progress_bar_config(disable=True)
     prompts = heldout_set(args.prompts)
     t_index = [int(v) for v in args.t_index.split(",")]
+    txt_index = [int(v) for v in args.txt_t_index.split(",")]
     result = {"command": " ".join([Path(sys.executable).name] + sys.argv), "date": datetime.datetime.now(
         datetime.timezone.utc).isoformat(timespec="seconds"), "device": str(device), "versions": _versions(),
-        "model": "reference FAST_MODEL", "t_index_list": t_index, "prompts": len(prompts), "rows": []}
+        "model": "reference FAST_MODEL", "t_index_list": t_index, "txt2img_t_index_list": txt_index, "prompts": len(prompts), "rows": []}
     for guidance, scale in (("none", 1.0), ("self", args.scale), ("initialize", args.scale), ("full", args.scale)):
         for task in ("txt2img", "img2img"):
             matched = 0
-            stream = StreamPipeline(pipe, t_index, guidance=guidance)
+            stream = StreamPipeline(pipe, txt_index if task == "txt2img" else t_index, guidance=guidance)
             for caption, seed in prompts:
                 stream.prepare(caption, negative_prompt="", guidance_scale=scale, seed=seed)
                 if task == "txt2img":
@@ -349,7 +350,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-check", action="store_true", help="skip the graph-vs-eager check on CUDA")
     p.add_argument("--fidelity", action="store_true", help="reference-model adherence and filter rates instead")
     p.add_argument("--prompts", type=int, default=32)
-    p.add_argument("--t-index", default="20,35")
+    p.add_argument("--t-index", default="12,25,37", help="img2img steps of the 50-step LCM grid (fidelity)")
+    p.add_argument("--txt-t-index", default="0,12,25,37", help="txt2img steps (fidelity): 4 LCM steps from t=999")
     p.add_argument("--scale", type=float, default=1.5)
     p.add_argument("--filter-threshold", type=float, default=0.98)
     p.add_argument("--threads", type=int, default=1)

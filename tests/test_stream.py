@@ -4,12 +4,23 @@ same math (stream batch order and lag, RCFG self/onetime/full, v-prediction), wa
 import numpy as np
 import pytest
 import torch
+import torch.utils._python_dispatch
 
 from paradiff.errors import UserError
 
 torch.set_num_threads(1)
 
 T_INDEX = [30, 38, 45]  # 3 steps of a 50-step LCM schedule (late enough that the input shows through)
+
+
+class NoScalarReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Fails on any device-to-host scalar read (`aten._local_scalar_dense`: what `.item()`, `bool(t)` and indexing
+    with a 0-dim tensor dispatch to). Such a read stalls the CPU on a GPU and cannot be captured in a CUDA graph."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            raise AssertionError("host sync (tensor -> Python scalar) in the stream step")
+        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +111,9 @@ def test_stream_batch_equals_per_frame_computation(lcm_pipe, mode):
     frames = _frames(4, f)
     stream = StreamPipeline(lcm_pipe, T_INDEX, guidance=mode, delta=0.8, frame_buffer_size=f, warm_start=False)
     stream.prepare(["a red circle", "a blue square"], negative_prompt="green", guidance_scale=1.7, seed=3)
+    with NoScalarReads():  # capturable in a CUDA graph: no scalar reads anywhere in the step
+        stream.txt2img() if mode == "full" else stream(torch.from_numpy(frames[0]))
+    stream.reset()
     outs = [stream(fr) for fr in frames]
     want = _direct(lcm_pipe, frames, T_INDEX, mode, stream._noise, 1.7, 0.8, ["a red circle", "a blue square"],
                    ["green", "green"])

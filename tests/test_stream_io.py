@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from test_stream import NoScalarReads
 
 from paradiff.errors import UserError
 from paradiff.stream import io
@@ -170,7 +171,9 @@ def test_filter_in_stream_repeats_output_without_host_sync(monkeypatch):
         raise AssertionError("host sync in the stream step")
 
     outs = []
-    with monkeypatch.context() as m:  # the decision must stay a device tensor: no .item(), no bool()
+    # the decision must stay a device tensor: no .item()/bool() from Python, and no tensor-to-scalar read from
+    # C++ either (aten._local_scalar_dense: e.g. indexing with a 0-dim tensor), which would break CUDA graphs
+    with monkeypatch.context() as m, NoScalarReads():
         m.setattr(torch.Tensor, "item", no_sync)
         m.setattr(torch.Tensor, "__bool__", no_sync)
         for frame in clip:

@@ -47,7 +47,8 @@ class SimilarityFilter:
         cur = frames.to(torch.float32)
         sim = torch.nn.functional.cosine_similarity(cur.reshape(1, -1), self.prev.reshape(1, -1), eps=1e-6)[0]
         prob = (1 - (1 - sim) / (1 - self.threshold)).clamp(min=0)
-        u = self.uniforms[self.count % TABLE_SIZE]
+        # index_select, not uniforms[count]: a 0-dim tensor index is read back to the host (a sync)
+        u = self.uniforms.index_select(0, (self.count % TABLE_SIZE).view(1))[0]
         skip = (u < prob) & self.has_prev & (self.run < self.max_skip_frames) & enabled
         self.run.copy_(torch.where(skip, self.run + 1, torch.zeros_like(self.run)))
         self.prev.copy_(torch.where(skip, self.prev, cur))

@@ -154,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from paradiff.stream import io
 
-    source = io.open_source(args.input, None)  # size known after the model is loaded
+    if not (args.input.startswith("webcam") or args.input == "screen"):
+        io.open_source(args.input, None).frames.close()  # a bad input fails before the model loads
     stream = build_stream(args)
     source = io.open_source(args.input, (stream.height, stream.width))
     sink = io.open_sink(args.output, source.fps)

@@ -121,7 +121,6 @@ def bench_stream(pipe, taesd, cfg, engine, args, device, size):
         times = _time_each(lambda: stream(one), device, args.iters)
         row["latency_ms_median"] = round(float(np.median(times)) * 1e3, 3)
         row["latency_ms_p90"] = round(float(np.percentile(times, 90)) * 1e3, 3)
-    del stream
     return row
 
 
@@ -288,8 +287,6 @@ def run_fidelity(args) -> dict:
             result["rows"].append(row)
             print(json.dumps(row), flush=True)
     # similarity filter on a static and a moving clip of reference scenes
-    from paradiff.reference.data import Scene  # noqa: F401  (the renderer's scenes)
-
     base = render_numpy([parse_caption(prompts[0][0])])[0]
     rng = np.random.default_rng(0)
     static = [np.clip(base.astype(int) + rng.integers(-3, 4, base.shape), 0, 255).astype(np.uint8) for _ in range(60)]

@@ -12,7 +12,6 @@ way; all float work happens in the stream step on the device.
 from __future__ import annotations
 
 import collections
-import os
 import threading
 import time
 from dataclasses import dataclass, field

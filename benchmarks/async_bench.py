@@ -210,7 +210,7 @@ def write(args, rows, errors, device) -> None:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         peaks = ", ".join("-" if p is None else f"{p:.1f}" for p in r["peak_gb"])
-        params = ", ".join(f"{p / 1e6:.0f}" for p in r["params"])
+        params = ", ".join(f"{p / 1e6:.1f}" for p in r["params"])
         lines.append(f"| {r['arch']} | {r['size']} | {r['steps']} | {r['config']} | {r['ranks']} | "
                      f"{r['median_s']:.3f} | {r['speedup']:.2f}x | {peaks} | {params} |")
     for e in errors:

@@ -278,3 +278,47 @@ def _wrong_rank_count():
 def test_rank_count_mismatch_is_a_user_error():
     for message in run_ranks(_wrong_rank_count, 2):
         assert message and "3 ranks" in message and "\n" not in message
+
+
+def _pipelines_with_schedulers():
+    """Whole pipelines under parallelize(): the step index comes from the scheduler (first/second order, img2img)."""
+    from diffusers import (DPMSolverMultistepScheduler, HeunDiscreteScheduler, StableDiffusionImg2ImgPipeline)
+
+    from paradiff.methods.asyncdenoise import AsyncDenoise
+    from paradiff.parallel import parallelize
+    from tiny import tiny_sd_pipeline
+
+    def make(scheduler, img2img):
+        pipe = tiny_sd_pipeline()
+        if scheduler is not None:
+            pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
+        if img2img:
+            pipe = StableDiffusionImg2ImgPipeline(**pipe.components)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def run(pipe, img2img):
+        kwargs = dict(num_inference_steps=5, output_type="latent", generator=torch.Generator().manual_seed(0))
+        if img2img:
+            kwargs.update(image=torch.zeros(1, 3, 32, 32), strength=0.6)
+        return pipe("a red circle", **kwargs).images
+
+    out = {}
+    for name, scheduler, img2img in [("ddim", None, False), ("heun", HeunDiscreteScheduler, False),
+                                     ("dpm", DPMSolverMultistepScheduler, False), ("img2img", None, True)]:
+        serial = run(make(scheduler, img2img), img2img)
+        exact = parallelize(make(scheduler, img2img), AsyncDenoise(warmup_steps=100))
+        stale = parallelize(make(scheduler, img2img), AsyncDenoise(warmup_steps=2))
+        a, b = run(exact, img2img), run(stale, img2img)
+        b2 = run(stale, img2img)  # a second call starts a new generation
+        out[name] = ((a - serial).abs().max().item(), (b - serial).abs().max().item(), (b2 - b).abs().max().item())
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_pipelines_any_scheduler_and_img2img():
+    for out in run_ranks(_pipelines_with_schedulers, 2):
+        for name, (exact, stale, repeat) in out.items():
+            assert exact < 1e-4, (name, out)
+            assert stale > 1e-4 and repeat == 0.0, (name, out)

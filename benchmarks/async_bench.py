@@ -115,7 +115,7 @@ def run(args) -> int:
     from diffusers import DDIMScheduler
 
     from paradiff import runtime
-    from paradiff.methods.asyncdenoise import apply_to_module
+    from paradiff.methods.asyncdenoise import apply_to_module, elapsed_ms
     from paradiff.methods.split import explain_split
 
     rt = runtime.init(args.device)
@@ -169,12 +169,20 @@ def run(args) -> int:
                 reset_memory(device)
                 with torch.no_grad():
                     times, out = timed(lambda: denoise(unet, sched, latent, kwargs, steps), args.repeats, device)
-                info = gather((times, peak_gb(device), params, float(out.float().abs().mean())))
+                    # one more generation with each rank's forward timed: real balance and communication overhead
+                    unet._paradiff_async.timings = []
+                    denoise(unet, sched, latent, kwargs, steps)
+                    if gpu:
+                        torch.cuda.synchronize()
+                    compute = [elapsed_ms(a, b) for mode, a, b in unet._paradiff_async.timings if mode == "async"]
+                    unet._paradiff_async.timings = None
+                info = gather((times, peak_gb(device), params, statistics.median(compute) if compute else None))
                 if rt.is_main:
                     times = info[0][0]
                     rows.append(dict(arch=label, size=size, steps=steps, config=name, ranks=world,
                                      median_s=statistics.median(times), times=times,
                                      peak_gb=[i[1] for i in info], params=[i[2] for i in info],
+                                     forward_ms=[i[3] for i in info],
                                      warmup_steps=args.warmup_steps, explain=explain))
                     print(f"[{label}] {name}: {statistics.median(times):.3f} s", flush=True)
                 del unet
@@ -206,13 +214,16 @@ def write(args, rows, errors, device) -> None:
     lines = [f"# AsyncDenoise benchmark ({meta['device']}, {meta['date']})", "",
              f"`{meta['command']}` (torch {meta['torch']}, diffusers {meta['diffusers']}, {meta['dtype']}, "
              "CFG batch 2, DDIM)", "",
-             "| model | size | steps | config | ranks | median s | speedup | peak GiB per rank | params M per rank |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| model | size | steps | config | ranks | median s | ms/step | speedup | peak GiB per rank | "
+             "params M per rank | async forward ms per rank |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         peaks = ", ".join("-" if p is None else f"{p:.1f}" for p in r["peak_gb"])
         params = ", ".join(f"{p / 1e6:.1f}" for p in r["params"])
+        fwd = ", ".join(f"{f:.1f}" for f in r["forward_ms"] if f is not None) if r.get("forward_ms") else "-"
         lines.append(f"| {r['arch']} | {r['size']} | {r['steps']} | {r['config']} | {r['ranks']} | "
-                     f"{r['median_s']:.3f} | {r['speedup']:.2f}x | {peaks} | {params} |")
+                     f"{r['median_s']:.3f} | {r['median_s'] / r['steps'] * 1e3:.1f} | {r['speedup']:.2f}x | {peaks} | "
+                     f"{params} | {fwd} |")
     for e in errors:
         lines.append(f"\nFAILED {e['arch']} {e['config']} (rank {e['rank']}): `{e['error'].strip().splitlines()[-1]}`")
     explain = [r["explain"] for r in rows if r.get("explain")]

@@ -26,6 +26,7 @@ results, off the critical path); each rank holds and runs only its component's b
 from __future__ import annotations
 
 import inspect
+import time
 import weakref
 from typing import Any, Callable
 
@@ -55,6 +56,20 @@ def _signature(obj: Any) -> tuple:
     return (str(spec),) + tuple((tuple(x.shape), x.dtype) if _tensor(x) else repr(x) for x in leaves)
 
 
+def _clock(like: Any) -> Any:
+    """A CUDA event recorded on the current stream (no sync), or perf_counter on the CPU."""
+    if _tensor(like) and like.is_cuda:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
+
+
+def elapsed_ms(start: Any, end: Any) -> float:
+    """Milliseconds between two `_clock` marks (synchronize CUDA first)."""
+    return start.elapsed_time(end) if isinstance(start, torch.cuda.Event) else (end - start) * 1e3
+
+
 class _State:
     """What the controller and the unit hooks of one denoiser share on this rank."""
 
@@ -76,6 +91,7 @@ class _State:
         self.structures: dict[tuple, tuple] = {}
         self.transfers = plan.transfers()
         self.recv_keys = {(p, leaf) for p, leaf, _, dst in self.transfers if dst == self.comp}
+        self.timings: list | None = None  # set to [] to record (mode, start, end) around each forward (benchmarks)
         self.twin = None  # meta-device copy of the model, for output shapes of units this rank does not run
 
     def ranks_of(self, comp: int) -> list[int]:
@@ -301,7 +317,10 @@ class _Controller(ModelHook):
             if sync:
                 st.exchange(send=False, recv=True)
                 st.wait()
+            start = _clock(self._timestep(args, kwargs)) if st.timings is not None else None
             out = self._run(args, kwargs)
+            if start is not None:
+                st.timings.append(("sync" if sync else "async", start, _clock(self._timestep(args, kwargs))))
             st.exchange(send=True, recv=not sync)
         st.wait()
         leaves, self._out_spec = pytree.tree_flatten(out)

@@ -275,7 +275,7 @@ def explain_split(model: torch.nn.Module, n: int) -> str:
         lines.append(f"{k:>4}  {hi - lo:>5}  {s.costs[k] / 1e9:>9.1f}  {s.costs[k] / total:>6.1%}  "
                      f"{sum(g.params[lo:hi]) / 1e6:>8.1f}  {recv:>7.1f}  {_range_text(s.units_of(k))}")
     lines.append(f"shared (every rank): {g.shared_flops / 1e9:.1f} GFLOP ({g.shared_flops / total:.1%}), "
-                 f"{g.shared_params / 1e6:.1f} M params: embeddings, conv_in/conv_out, glue")
+                 f"{g.shared_params / 1e6:.1f} M params: embeddings, input/output layers, glue")
     lines.append(f"stale values sent per step: {len(transfers)} tensors "
                  f"({sum(g.leaf_bytes.get((p, leaf), 0) for p, leaf, _, _ in transfers) / 2**20:.1f} MB fp32)")
     return "\n".join(lines)

@@ -39,7 +39,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def _check_modes(kinds, size):
+def _check_modes(kinds, size, gn_modes):
     """Per UNet kind: relative error vs serial of exact, stale (each GN mode) and naive runs."""
     from paradiff import runtime
 
@@ -54,7 +54,7 @@ def _check_modes(kinds, size):
         errs["exact"] = (_loop(unet, kwargs, hook) - serial).abs().max().item()
         errs["exact-again"] = (_loop(unet, kwargs, hook) - serial).abs().max().item()  # step count resets per run
         errs["counts"] = hook.counts
-        for gn in ("corrected", "sync", "stale", "separate"):
+        for gn in gn_modes:
             unet, hook = _patched(base, group, warmup_steps=1, gn_mode=gn)
             errs[gn] = _rel(_loop(unet, kwargs, hook), serial)
         unet, hook = _patched(base, group, mode="naive")
@@ -66,12 +66,14 @@ def _check_modes(kinds, size):
 @pytest.mark.parametrize("world", [2, 4])
 def test_patch_exact_and_stale(world):
     size = 16 if world == 2 else 32  # each of 4 patches must survive the sdxl-shaped UNet's 2 downsamplings
-    for rank_result in run_ranks(_check_modes, world, ("sd", "sdxl"), size):
+    gn_modes = ("corrected", "sync", "stale", "separate") if world == 2 else ("corrected",)
+    for rank_result in run_ranks(_check_modes, world, ("sd", "sdxl"), size, gn_modes):
         for kind, errs in rank_result.items():
             assert errs["counts"]["conv"] > 0 and errs["counts"]["attention"] > 0 and errs["counts"]["groupnorm"] > 0
             assert errs["exact"] < 1e-4, f"{kind}: synchronous patch parallel differs from serial ({errs['exact']})"
             assert errs["exact-again"] < 1e-4, f"{kind}: second run not exact ({errs['exact-again']})"
-            for gn in ("corrected", "sync", "stale", "separate"):
+            for gn in gn_modes:
                 assert 1e-6 < errs[gn] < 0.2, f"{kind}/{gn}: stale relative error {errs[gn]}"
                 assert errs[gn] < errs["naive"], f"{kind}/{gn}: stale ({errs[gn]}) not better than naive ({errs['naive']})"
-            assert errs["sync"] <= errs["separate"], f"{kind}: exact GroupNorm should beat per-patch statistics: {errs}"
+            if world == 2:
+                assert errs["sync"] <= errs["separate"], f"{kind}: exact GroupNorm should beat per-patch statistics: {errs}"

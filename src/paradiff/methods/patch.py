@@ -37,15 +37,15 @@ class PatchParallel(ParallelMethod):
     warmup_steps: first steps run fully synchronous (exact); at least the first step always is.
     gn_mode: GroupNorm statistics in stale steps: corrected (default), sync, stale, separate.
     mode: "displaced" (DistriFusion) or "naive" (patches never interact: the baseline that shows seams).
-    compile: torch.compile the step (True, or a dict of torch.compile keyword arguments).
-    cuda_graph: replay stale steps from a CUDA graph after `graph_warmup` stale steps (CUDA only).
+    compile: torch.compile the step (True, or a dict of torch.compile keyword arguments); None: on CUDA only.
+    cuda_graph: replay stale steps from a CUDA graph after `graph_warmup` stale steps; None: on CUDA only.
     decode: "main" (only rank 0 runs the VAE decoder; other ranks get placeholder gray images) or "all".
     """
 
     mesh_dim = "patch"
 
     def __init__(self, warmup_steps: int = 4, gn_mode: str = "corrected", mode: str = "displaced",
-                 compile: bool | dict = False, cuda_graph: bool = False, graph_warmup: int = 1,
+                 compile: bool | dict | None = None, cuda_graph: bool | None = None, graph_warmup: int = 1,
                  decode: str = "main"):
         if not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise UserError(f"warmup_steps must be a whole number >= 0, got {warmup_steps!r}.")
@@ -191,11 +191,13 @@ class PatchHook(ModelHook):
         self.exchange.sync = sync
         self.step += 1
         fn = self._body
-        if self.config.compile and not fresh:
+        compile = sample.is_cuda if self.config.compile is None else self.config.compile
+        if compile and not fresh:
             if self._compiled is None:
-                self._compiled = torch.compile(self._body, **compile_kwargs(self.config.compile))
+                self._compiled = torch.compile(self._body, **compile_kwargs(compile))
             fn = self._compiled
-        if self.config.cuda_graph and not sync and sample.is_cuda and not self._graph_failed:
+        graph = sample.is_cuda if self.config.cuda_graph is None else self.config.cuda_graph
+        if graph and not sync and sample.is_cuda and not self._graph_failed:
             self._stale_seen += 1
             if self._graph is not None or self._stale_seen > self.config.graph_warmup:
                 if self._graph is None:

@@ -207,3 +207,28 @@ def test_cli_stream_folder_to_folder(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "outside the schedule" in err[0]
     assert main(["stream", "--tiny", "--input", str(frames), "--prompt", "x"]) == 2
+
+
+def test_host_frames_are_filtered_on_the_host_and_skips_cost_no_step():
+    from paradiff import StreamPipeline
+    from paradiff.stream.tiny import tiny_pipeline
+
+    stream = StreamPipeline(tiny_pipeline(), [30, 45], similarity_filter=0.98, max_skip_frames=3, filter_on_host=True)
+    stream.prepare("a red circle")
+    calls = []
+    step = stream._img2img.fn
+    stream._img2img.fn = lambda: calls.append(1) or step()
+    rng = np.random.default_rng(2)
+    clip = _static(12, rng) + _moving(3, rng)
+    outs = []
+    for frame in clip:
+        outs.append(stream(frame))
+    stats = stream.stats()
+    processed = stats["frames"] - stats["skipped"]
+    assert stats["frames"] == 15 and stats["skipped"] >= 6
+    assert len(calls) == processed + 1  # + the warm-start step: skipped frames launch nothing
+    assert np.array_equal(outs[1], outs[0]) and not np.array_equal(outs[-1], outs[-2])
+    stream.prepare("a blue square")  # a new prompt starts a new video: the first frame is never skipped
+    before = len(calls)
+    stream(clip[0])
+    assert len(calls) == before + 2 and stream.stats() == {"frames": 1, "skipped": 0}

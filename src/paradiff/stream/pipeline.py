@@ -81,6 +81,7 @@ class StreamPipeline:
         height: int | None = None,
         width: int | None = None,
         warm_start: bool = True,
+        filter_on_host: bool | None = None,
         cuda_graph: bool | None = None,
         compile: bool = False,
     ):
@@ -123,10 +124,16 @@ class StreamPipeline:
         self.steps = k = self.schedule.steps
         self.batch = k * f
         self.warm_start = warm_start
-        self.filter = None
+        self.filter = self.host_filter = None
         if similarity_filter is not None:
             self.filter = SimilarityFilter(similarity_filter, max_skip_frames, (f, 3, self.height, self.width),
                                            self.device)
+            # Frames that arrive in host memory (webcam, files, the web demo) are judged on the host, on every 4th
+            # pixel: no GPU sync either, and a skipped frame then costs no GPU work at all.
+            on_host = self.device.type != "cpu" if filter_on_host is None else filter_on_host
+            if on_host:
+                self.host_filter = SimilarityFilter(similarity_filter, max_skip_frames,
+                                                    (f, 3, -(-self.height // 4), -(-self.width // 4)), "cpu")
         use_graph = self.device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
         if use_graph and self.device.type != "cuda":
             raise UserError("cuda_graph=True needs the pipeline on a CUDA device.")
@@ -160,13 +167,15 @@ class StreamPipeline:
         self._out = torch.zeros_like(self._in)
         self._scale = torch.tensor(float(guidance_scale), device=self.device, dtype=self.dtype)
         self._filter_on = torch.ones((), dtype=torch.bool, device=self.device)
+        self._device_filter_state = True
+        self._host_on = torch.ones((), dtype=torch.bool)
         self._emb = None
         self.prompt, self.negative_prompt = [], []
         self.update_prompt(prompt, negative_prompt)
         self._img2img.reset()
         self._txt2img.reset()
-        self._primed = False
         self._prepared = True
+        self.reset()
 
     def _prompt_list(self, prompt: Any, what: str) -> list[str]:
         f = self.frame_buffer_size
@@ -224,9 +233,9 @@ class StreamPipeline:
         self._check_prepared()
         self._lat.zero_()
         self._neg.zero_()
-        if self.filter is not None:
-            for t in self.filter.state().values():
-                if t is not self.filter.uniforms:
+        for filt in (self.filter, self.host_filter):
+            if filt is not None:
+                for t in filt.state().values():
                     t.zero_()
         self._primed = False
 
@@ -236,8 +245,13 @@ class StreamPipeline:
         """img2img: `frame_buffer_size` uint8 HxWx3 frames in, as many out (the frames of k-1 calls ago)."""
         self._check_prepared()
         batch, kind, single = frames_mod.to_batch(frames, self.frame_buffer_size, self.height, self.width)
+        on_host = self.host_filter is not None and batch.device.type == "cpu"
+        if on_host:  # never skips a first frame: the filter has no reference yet
+            sample = batch[:, ::4, ::4].permute(0, 3, 1, 2).float() / 127.5 - 1
+            if bool(self.host_filter.decide(sample, self._host_on)):  # a CPU tensor: no GPU sync
+                return frames_mod.from_batch(self._out, kind, single)
         self._in.copy_(batch, non_blocking=True)
-        out = self._run(self._img2img)
+        out = self._run(self._img2img, device_filter=not on_host)
         return frames_mod.from_batch(out, kind, single)
 
     @torch.no_grad()
@@ -250,21 +264,31 @@ class StreamPipeline:
         if batch is not None and batch != self.frame_buffer_size:
             raise UserError(f"txt2img batch {batch} differs from frame_buffer_size={self.frame_buffer_size}; "
                             f"build the stream with frame_buffer_size={batch}.")
-        return self._run(self._txt2img)
+        return self._run(self._txt2img, device_filter=False)
 
-    def _run(self, step: GraphStep) -> torch.Tensor:
+    def _run(self, step: GraphStep, device_filter: bool = True) -> torch.Tensor:
         if not self._primed:
             if self.warm_start and self.steps > 1:
-                self._filter_on.fill_(False)
+                self._set_device_filter(False)
                 for _ in range(self.steps - 1):
                     step()
-                self._filter_on.fill_(True)
             self._primed = True
+        self._set_device_filter(device_filter)
         return step()
 
+    def _set_device_filter(self, on: bool) -> None:
+        if self._device_filter_state is not on:  # a tiny fill kernel, only when the mode changes
+            self._filter_on.fill_(on)
+            self._device_filter_state = on
+
     def stats(self) -> dict[str, int]:
-        """Similarity-filter counters (frames seen/skipped); one host sync."""
-        return self.filter.stats() if self.filter is not None else {"frames": 0, "skipped": 0}
+        """Similarity-filter counters (frames seen/skipped, host and device decisions together); one host sync."""
+        total = {"frames": 0, "skipped": 0}
+        for filt in (self.filter, self.host_filter):
+            if filt is not None:
+                for key, value in filt.stats().items():
+                    total[key] += value
+        return total
 
     def _check_prepared(self) -> None:
         if not self._prepared:

@@ -139,17 +139,40 @@ def _record(folder, stage, args, device, seconds, metrics, extra=None):
     }
     with open(path, "w") as f:
         json.dump(info, f, indent=2)
+    write_training_md(folder, info)
+
+
+def write_training_md(folder, info):
     lines = ["# How these weights were made", "",
-             "Trained by `paradiff.reference.train` (procedural shapes data, see `paradiff/reference/data.py`).", ""]
+             "Trained by `paradiff.reference.train` (procedural shapes data, see `paradiff/reference/data.py`).",
+             "Stages are listed in the order they ran; `unet_resume` continued from the `unet` weights.", ""]
+    total = 0.0
     for name, st in info["stages"].items():
+        total += st["seconds"]
         lines += [f"## stage `{name}`", "", f"- command: `{st['command']}`", f"- device: {st['device']}, torch "
                   f"{st['torch']}", f"- time: {st['seconds']} s ({st['date']})"]
         for k, v in st.items():
             if k not in ("command", "device", "torch", "seconds", "date", "metrics"):
                 lines.append(f"- {k}: {v}")
         lines += ["- metrics: `" + json.dumps(st["metrics"]) + "`", ""]
+    lines += [f"Total stage time: {total:.0f} s.", ""]
     with open(os.path.join(folder, "TRAINING.md"), "w") as f:
         f.write("\n".join(lines))
+
+
+def merge_records(folder, other, prefix=""):
+    """Copy another folder's stage records (e.g. the VAE's, or the teacher's) into this folder's training.json."""
+    path = os.path.join(folder, "training.json")
+    with open(path) as f:
+        info = json.load(f)
+    with open(os.path.join(other, "training.json")) as f:
+        extra = json.load(f)["stages"]
+    stages = {prefix + k: v for k, v in extra.items() if k not in info["stages"]}
+    stages.update(info["stages"])
+    info["stages"] = stages
+    with open(path, "w") as f:
+        json.dump(info, f, indent=2)
+    write_training_md(folder, info)
 
 
 # ------------------------------------------------------------------------------------------------ VAE stage
@@ -293,6 +316,9 @@ def train_unet(args, device):
         ids = torch.where(drop, empty_ids, cache_ids[idx])
         b = x0.shape[0]
         t = torch.randint(0, 1000, (b,), device=device, generator=gen)
+        if args.high_noise_frac > 0:  # layout (where shapes go) is decided at high noise: oversample it
+            hi = torch.rand(b, device=device, generator=gen) < args.high_noise_frac
+            t = torch.where(hi, torch.randint(600, 1000, (b,), device=device, generator=gen), t)
         noise = torch.randn(x0.shape, device=device, generator=gen)
         a = acp[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
@@ -307,9 +333,13 @@ def train_unet(args, device):
                 print("torch.compile failed, running eager:", repr(e)[:300])
                 fwd, compiled_ok = unet, False
                 pred = fwd(xt, t, emb).sample
-        # min-SNR-5 weighting (for v-prediction: min(snr, 5) / (snr + 1)) speeds up convergence
-        snr = a / (1 - a)
-        w = torch.clamp(snr, max=5.0) / (snr + 1)
+        if args.weighting == "minsnr":
+            # min-SNR-5 (for v-prediction: min(snr, 5) / (snr + 1)). Measured: it starves the high-noise steps
+            # that decide layout (positions came out random after 4.4k steps), hence "uniform" by default
+            snr = a / (1 - a)
+            w = torch.clamp(snr, max=5.0) / (snr + 1)
+        else:
+            w = 1.0
         loss = (w * (pred.float() - v) ** 2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -336,6 +366,7 @@ def train_unet(args, device):
     dt = time.time() - t0
     print("unet done", metrics, f"{dt:.0f}s")
     _record(dst, "unet" if not args.resume else "unet_resume", args, device, dt, metrics)
+    merge_records(dst, os.path.join(args.out, "vae"))
     return metrics
 
 
@@ -438,6 +469,7 @@ def train_fast(args, device):
     dt = time.time() - t0
     print("fast done", metrics, f"{dt:.0f}s")
     _record(dst, "fast", args, device, dt, metrics)
+    merge_records(dst, src, prefix="teacher_")
     return metrics
 
 
@@ -489,6 +521,9 @@ def parse_args(argv=None):
     p.add_argument("--cache", type=int, default=400_000, help="pre-encoded training scenes for the unet stage")
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--weighting", choices=["uniform", "minsnr"], default="uniform", help="v-loss weighting")
+    p.add_argument("--high-noise-frac", type=float, default=0.0,
+                   help="fraction of each batch drawn from t in [600, 1000) instead of uniformly")
     p.add_argument("--fast-steps", type=int, default=3000)
     p.add_argument("--fast-lr", type=float, default=1e-4)
     p.add_argument("--teacher-samples", type=int, default=8192)

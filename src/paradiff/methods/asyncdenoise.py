@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import inspect
 import time
+import warnings
 import weakref
 from typing import Any, Callable
 
@@ -274,7 +275,14 @@ class _Controller(ModelHook):
             return fn(*args, **kwargs)
         key = _signature((args, kwargs))
         if key not in self._graphs:
-            self._graphs[key] = _Graphed(fn, args, kwargs)
+            try:
+                self._graphs[key] = _Graphed(fn, args, kwargs)
+            except Exception as err:  # noqa: BLE001 - capture fails on some ops/versions; stay correct, go slower
+                warnings.warn(f"AsyncDenoise: CUDA graph capture failed ({type(err).__name__}: {err}); "
+                              "continuing without CUDA graphs.", stacklevel=2)
+                torch.cuda.synchronize()
+                self.cuda_graph = False
+                return fn(*args, **kwargs)
         return self._graphs[key](args, kwargs)
 
     def _broadcast(self, leaves: list, src: int) -> list:

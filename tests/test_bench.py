@@ -65,3 +65,14 @@ def test_bench_a_method_on_two_ranks_against_the_baseline(tiny_pipeline_dir, tmp
     variants = {(r["what"], r["variant"]) for r in data["rows"]}
     assert {("e2e", "eager"), ("e2e", "cfg x2"), ("step", "cfg x2")} <= variants
     assert data["ranks"] == 2 and data["method"] == "cfg"
+
+
+def test_explain_prints_the_async_split_without_starting_ranks():
+    proc, _ = run_cli("bench", "--arch", "sdxl", "--method", "async", "--nproc", "2", "--explain")
+    assert proc.returncode == 0, proc.stderr
+    assert "into 2 components" in proc.stdout and "balance max/min" in proc.stdout
+
+
+def test_explain_needs_the_async_method():
+    proc, _ = run_cli("bench", "--arch", "sdxl", "--method", "patch", "--nproc", "2", "--explain")
+    assert proc.returncode == 2 and "--method async" in proc.stderr

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         nproc = getattr(args, "nproc", None)
-        if nproc is not None and nproc > 1 and not launch.in_launched_job():
+        if nproc is not None and nproc > 1 and not launch.in_launched_job() and not getattr(args, "explain", False):
             check = getattr(args, "check_before_launch", None)
             if check is not None:
                 check(args)

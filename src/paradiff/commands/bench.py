@@ -47,7 +47,8 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
     p.add_argument("--device", default=None, choices=("cpu", "cuda"))
     p.add_argument("--json", default=None, help="write results here (JSON, and a .md table beside it)")
-    p.add_argument("--explain", action="store_true", help="print how the method splits the model, then exit")
+    p.add_argument("--explain", action="store_true",
+                   help="with --method async: print how the model is split over --nproc ranks (no ranks started)")
     add_parallel_args(p)
     p.set_defaults(run=run)
 
@@ -72,13 +73,16 @@ def run(args: argparse.Namespace) -> int:
     arch = args.arch  # None: the --model (default: the embedded reference model) with its real weights
 
     if args.explain:
-        if not methods or not hasattr(methods[-1], "explain"):
+        if args.method != "async":
             from paradiff.errors import UserError
 
-            raise UserError("--explain needs a --method that splits the model (async).")
+            raise UserError("--explain shows how --method async splits the model; add --method async.")
+        from paradiff.methods.split import explain_split
+
+        stride = args.stride or 1
+        components = max(1, (args.nproc or 2) - (stride - 1))  # the paper's rule: N + stride - 1 ranks
         model = archs.build_model(arch, device="meta") if arch else load_pipeline(args.model).unet
-        if rt.is_main:
-            print(methods[-1].explain(model, rt.world_size))
+        print(explain_split(model, components))
         return 0
 
     rows: list = []

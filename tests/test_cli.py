@@ -46,3 +46,23 @@ def test_info_lists_versions_and_backends():
     assert proc.returncode == 0, proc.stderr
     for key in ("torch", "diffusers", "gloo", "ranks"):
         assert key in proc.stdout
+
+
+def test_nproc_larger_than_the_visible_gpus(monkeypatch):
+    """Checked once in the launching process, before any rank starts (simulated: this machine has no GPU)."""
+    import argparse
+
+    import torch
+
+    from paradiff.commands.common import check_before_launch
+    from paradiff.errors import UserError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    args = argparse.Namespace(nproc=4, method="cfg+patch", device=None, warmup_steps=None, gn_mode=None,
+                              stride=None, time_shift=None)
+    with pytest.raises(UserError, match="more ranks than the 2 visible CUDA GPU"):
+        check_before_launch(args)
+    args.nproc = 2
+    args.method = "patch"
+    check_before_launch(args)  # fits

@@ -349,7 +349,7 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--t-index", default="12,25,37", help="img2img steps of the 50-step LCM grid (fidelity)")
     p.add_argument("--txt-t-index", default="0,12,25,37", help="txt2img steps (fidelity): 4 LCM steps from t=999")
-    p.add_argument("--scale", type=float, default=1.5)
+    p.add_argument("--scale", type=float, default=1.2, help="guidance scale for self/initialize/full (fidelity)")
     p.add_argument("--filter-threshold", type=float, default=0.98)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)

@@ -10,24 +10,23 @@ METHODS = ("none", "patch", "cfg", "cfg+patch", "async", "cfg+async")
 GN_MODES = ("corrected", "sync", "stale", "separate")
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
-    return value
+def _int_at_least(minimum: int):
+    """An argparse type: a whole number >= `minimum`, with a message that says which."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {minimum} or more, got {value}")
+        return value
+
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
+positive_int = _int_at_least(1)
+non_negative_int = _int_at_least(0)
 
 
 def image_size(text: str) -> tuple[int, int]:
@@ -83,6 +82,18 @@ def check_before_launch(args: argparse.Namespace) -> None:
         if args.nproc > count:
             raise UserError(f"--nproc {args.nproc} asks for more ranks than the {count} visible CUDA GPU(s).")
     methods_from_args(args)  # validates the method options before any rank starts
+
+
+def load_for_command(args: argparse.Namespace, model: str | None):
+    """What generate/eval share: this rank's runtime, the parallel methods the flags ask for, the loaded pipeline."""
+    from paradiff import runtime
+    from paradiff.pipelines import load_pipeline, torch_dtype
+
+    rt = runtime.init(args.device)
+    methods = methods_from_args(args)
+    if rt.world_size > 1 and not methods:
+        raise UserError(f"this job has {rt.world_size} ranks; choose a parallel --method.")
+    return rt, methods, load_pipeline(model, dtype=torch_dtype(args.dtype, rt.device))
 
 
 def methods_from_args(args: argparse.Namespace) -> list:

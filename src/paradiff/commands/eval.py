@@ -26,15 +26,10 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from paradiff import evaluate, runtime
-    from paradiff.commands.common import methods_from_args
+    from paradiff import evaluate
+    from paradiff.commands.common import load_for_command
     from paradiff.errors import UserError
-    from paradiff.pipelines import load_pipeline, torch_dtype
 
-    rt = runtime.init(args.device)
-    methods = methods_from_args(args)
-    if rt.world_size > 1 and not methods:
-        raise UserError(f"this job has {rt.world_size} ranks; choose a parallel --method.")
     model = args.model
     if args.fast:
         if model:
@@ -42,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
         from paradiff.reference import FAST_MODEL
 
         model = FAST_MODEL
-    pipe = load_pipeline(model, dtype=torch_dtype(args.dtype, rt.device))
+    rt, methods, pipe = load_for_command(args, model)
     if not methods:
         pipe.to(rt.device)
     height, width = args.size if args.size is not None else (None, None)

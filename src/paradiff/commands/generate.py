@@ -26,18 +26,11 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from paradiff import runtime
-    from paradiff.commands.common import methods_from_args
-    from paradiff.errors import UserError
+    from paradiff.commands.common import load_for_command
     from paradiff.parallel import parallelize
-    from paradiff.pipelines import load_pipeline, torch_dtype
 
-    rt = runtime.init(args.device)
-    methods = methods_from_args(args)
-    if rt.world_size > 1 and not methods:
-        raise UserError(f"this job has {rt.world_size} ranks; choose a parallel --method.")
     start = time.perf_counter()
-    pipe = load_pipeline(args.model, dtype=torch_dtype(args.dtype, rt.device))
+    rt, methods, pipe = load_for_command(args, args.model)
     if methods:
         parallelize(pipe, *methods)
     else:

@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         print("paradiff: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - a dead peer must not print a wall of tracebacks on every rank
-        if runtime.get().distributed and _is_collective_failure(err):
-            rt = runtime.get()
+        rt = runtime.current()
+        if rt is not None and rt.distributed and _is_collective_failure(err):
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             print(
                 f"paradiff: rank {rt.rank}: a collective failed, another rank died or stopped responding "

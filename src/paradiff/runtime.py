@@ -117,6 +117,11 @@ def get() -> Runtime:
     return init() if _runtime is None else _runtime
 
 
+def current() -> Runtime | None:
+    """The runtime if `init()` has run, else None (never initialises: safe in error handlers)."""
+    return _runtime
+
+
 def is_main_process() -> bool:
     """True on global rank 0 (or in a single process). Safe to call before `init()`."""
     if _runtime is not None:

@@ -66,12 +66,14 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 300.0, env: dict | No
             try:
                 rank, ok, payload = results.get(timeout=timeout)
             except queue_module.Empty:
+                if errors:
+                    break
                 raise TimeoutError(f"ranks did not finish within {timeout} s") from None
             if ok:
                 outputs[rank] = torch.load(io.BytesIO(payload), weights_only=False)
             else:
                 errors.append(f"rank {rank} failed:\n{payload}")
-                break
+                timeout = min(timeout, 60.0)  # the others usually fail soon after: show every rank's error
     finally:
         for proc in procs:
             proc.join(timeout=10 if not errors else 1)

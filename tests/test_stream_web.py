@@ -123,7 +123,8 @@ def test_browser_page_with_fake_camera(stream):
         wait = WebDriverWait(driver, 90, poll_frequency=0.2)
         wait.until(lambda d: int(d.find_element(By.ID, "received").text) >= 3)
         assert driver.find_element(By.ID, "status").text == "streaming"
-        assert driver.execute_script("return document.getElementById('output').naturalWidth") == 64
+        # the page sets the <img> source when a frame arrives; decoding it is asynchronous, so wait for it
+        wait.until(lambda d: d.execute_script("return document.getElementById('output').naturalWidth") == 64)
         box = driver.find_element(By.ID, "prompt")
         box.clear()
         box.send_keys("a green triangle")

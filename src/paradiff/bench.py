@@ -137,21 +137,19 @@ class StepTimer:
         self.pending: list = []
         self._handles = [module.register_forward_pre_hook(self._pre), module.register_forward_hook(self._post)]
 
+    def _mark(self):
+        """A recorded CUDA event on a GPU, the host clock on the CPU."""
+        if self.device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
     def _pre(self, *_):
-        if self.device.type == "cuda":
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-        else:
-            event = time.perf_counter()
-        self.pending.append([event, None])
+        self.pending.append([self._mark(), None])
 
     def _post(self, *_):
-        if self.device.type == "cuda":
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-        else:
-            event = time.perf_counter()
-        self.pending[-1][1] = event
+        self.pending[-1][1] = self._mark()
 
     def take(self) -> list[float]:
         _sync(self.device)

@@ -12,7 +12,7 @@ from test_patch_support import run_ranks, tiny_unet, unet_inputs
 pytestmark = pytest.mark.slow
 
 
-def _check_compiled(backend):
+def _check_compiled(backend, overlap):
     from paradiff import runtime
     from paradiff.methods.patch import PatchParallel, apply_to_unet
     from test_patch_parallel import _loop
@@ -24,6 +24,7 @@ def _check_compiled(backend):
     compiled_unet = copy.deepcopy(base)
     compiled_hook = apply_to_unet(compiled_unet, group,
                                   PatchParallel(warmup_steps=1, compile={"backend": backend, "fullgraph": True}))
+    eager_hook.exchange.overlap = compiled_hook.exchange.overlap = overlap
     # step 1 fills the buffers eagerly; steps 2-3 are stale steps of one compiled graph (async collectives traced)
     eager = _loop(eager_unet, kwargs, eager_hook, steps=3)
     torch._dynamo.reset()
@@ -31,8 +32,9 @@ def _check_compiled(backend):
     return {"diff": (compiled - eager).abs().max().item(), "compiled": compiled_hook._compiled is not None}
 
 
-def test_compiled_equals_eager():
-    for out in run_ranks(_check_compiled, 2, "aot_eager"):
+@pytest.mark.parametrize("overlap", [False, True], ids=["batched", "overlapped"])
+def test_compiled_equals_eager(overlap):
+    for out in run_ranks(_check_compiled, 2, "aot_eager", overlap):
         assert out["compiled"]
         assert out["diff"] < 1e-5, out
 
@@ -45,7 +47,7 @@ def _generated_order():
     from paradiff.comm import StaleExchange
     from paradiff.methods.patch import compile_kwargs
 
-    ex = StaleExchange(dist.group.WORLD)
+    ex = StaleExchange(dist.group.WORLD, overlap=True)  # the NCCL path: one collective per payload
     slot = ex.slot()
     slot.recv = torch.zeros(4, 8)
     ex.sync = False

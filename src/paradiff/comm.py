@@ -6,6 +6,10 @@ returns the slot's buffer (last step's data), and issues the all-gather of this 
 `finish()` at the end of the step copies the results into the buffers. So communication overlaps the rest of the step
 and is waited on only once. Functional collectives are used throughout: in eager mode they run asynchronously, and
 torch.compile traces them (the copy into the static buffer is an in-place update, which CUDA graphs capture as well).
+
+On gloo (CPU) the stale payloads are instead sent together in `finish()`, one all-gather per dtype: many gloo
+all-gathers in flight at once corrupt the heap (seen as "malloc(): unaligned tcache chunk detected" and a rank dying
+mid-run with torch 2.13), and on a CPU communication cannot hide behind compute anyway.
 """
 
 from __future__ import annotations
@@ -42,10 +46,13 @@ def all_gather(x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
 class StaleExchange:
     """Activation exchange over one process group; `sync` selects the phase of the current step."""
 
-    def __init__(self, group: Any):
+    def __init__(self, group: Any, overlap: bool | None = None):
         self.group = group
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
+        # overlap: one asynchronous all-gather per stale payload, in flight while the step computes (NCCL);
+        # otherwise the stale payloads wait and go in one batched all-gather per dtype in `finish()` (gloo).
+        self.overlap = dist.get_backend(group) != "gloo" if overlap is None else overlap
         self.sync = True
         self.slots: list[Slot] = []
         self._pending: list[tuple[Slot, torch.Tensor]] = []
@@ -76,11 +83,28 @@ class StaleExchange:
                 slot.recv.copy_(gathered)
             return gathered
         stale = slot.recv
-        self._pending.append((slot, _all_gather(payload.contiguous(), 0, self.group)))
+        payload = payload.contiguous()
+        self._pending.append((slot, _all_gather(payload, 0, self.group) if self.overlap else payload))
         return stale
 
     def finish(self) -> None:
-        """Land this step's asynchronous exchanges in the static buffers (waits for them)."""
+        """Land this step's stale-phase exchanges in the static buffers (waits for them)."""
+        if not self.overlap:
+            self._gather_batched()
         for slot, gathered in self._pending:
             slot.recv.copy_(gathered)
         self._pending.clear()
+
+    def _gather_batched(self) -> None:
+        """Replace each pending payload by its all-gathered value, with one collective per dtype."""
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for i, (_, payload) in enumerate(self._pending):
+            by_dtype.setdefault(payload.dtype, []).append(i)
+        for indices in by_dtype.values():
+            payloads = [self._pending[i][1] for i in indices]
+            sizes = [p.numel() for p in payloads]
+            flat = torch.cat([p.reshape(-1) for p in payloads])
+            gathered = all_gather(flat, 0, self.group).view(self.world, -1).split(sizes, dim=1)
+            for i, payload, part in zip(indices, payloads, gathered):
+                slot = self._pending[i][0]
+                self._pending[i] = (slot, part.reshape(self.world * payload.shape[0], *payload.shape[1:]))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from paradiff import runtime
+from paradiff import main_rank, runtime
 from paradiff.errors import UserError
 
 
@@ -51,10 +51,13 @@ def resolve_mesh_dims(methods: tuple[ParallelMethod, ...], world_size: int) -> d
     return {name: int(size) for name, size in dims.items()}  # type: ignore[arg-type]
 
 
-def parallelize(pipe: Any, *methods: ParallelMethod, device: str | None = None) -> Any:
+def parallelize(pipe: Any, *methods: ParallelMethod, device: str | None = None,
+                main_rank_stages: bool = True) -> Any:
     """Apply `methods` to `pipe` in place and move it to this rank's device; returns `pipe`.
 
     Call it in every rank (under torchrun or `paradiff ... --nproc N`). Only rank 0 shows progress bars.
+    `main_rank_stages`: prompt encoding and VAE decoding run on rank 0 only (embeddings are broadcast; the other
+    ranks free those weights and return blank images), see `paradiff.main_rank`.
     """
     if not methods:
         raise UserError("parallelize() needs at least one method, e.g. paradiff.PatchParallel().")
@@ -69,6 +72,9 @@ def parallelize(pipe: Any, *methods: ParallelMethod, device: str | None = None) 
     mesh = runtime.mesh(dims)
     for method in methods:
         method.apply(pipe, mesh)
+    if main_rank_stages:
+        main_rank.share_prompt_encoding(pipe, device=rt.device)
+        main_rank.decode_on_main_only(pipe, rt.is_main)
     pipe.to(rt.device)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=not rt.is_main)

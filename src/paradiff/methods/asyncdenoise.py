@@ -19,8 +19,8 @@ How it is built (the diffusers model code is not touched):
   an extra rank computes the last component for step j, so compute and communication happen every other step.
 - The static steps can run under `torch.compile` and, on CUDA, a captured CUDA graph (static inputs, static
   buffers); communication stays outside the compiled/captured region, on the static buffers.
-What runs where: text encoders, VAE, the scheduler and the shared small layers run on every rank (identical
-results, off the critical path); each rank holds and runs only its component's blocks.
+What runs where: each rank holds and runs only its component's blocks plus the shared small layers; the scheduler
+step runs on every rank; prompt encoding and VAE decoding run on rank 0 only (`paradiff.main_rank`).
 """
 
 from __future__ import annotations

@@ -39,22 +39,18 @@ class PatchParallel(ParallelMethod):
     mode: "displaced" (DistriFusion) or "naive" (patches never interact: the baseline that shows seams).
     compile: torch.compile the step (True, or a dict of torch.compile keyword arguments); None: on CUDA only.
     cuda_graph: replay stale steps from a CUDA graph after `graph_warmup` stale steps; None: on CUDA only.
-    decode: "main" (only rank 0 runs the VAE decoder; other ranks get placeholder gray images) or "all".
     """
 
     mesh_dim = "patch"
 
     def __init__(self, warmup_steps: int = 4, gn_mode: str = "corrected", mode: str = "displaced",
-                 compile: bool | dict | None = None, cuda_graph: bool | None = None, graph_warmup: int = 1,
-                 decode: str = "main"):
+                 compile: bool | dict | None = None, cuda_graph: bool | None = None, graph_warmup: int = 1):
         if not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise UserError(f"warmup_steps must be a whole number >= 0, got {warmup_steps!r}.")
         if gn_mode not in GN_MODES:
             raise UserError(f"gn_mode must be one of {', '.join(GN_MODES)}; got {gn_mode!r}.")
         if mode not in MODES:
             raise UserError(f"mode must be one of {', '.join(MODES)}; got {mode!r}.")
-        if decode not in ("main", "all"):
-            raise UserError(f"decode must be 'main' or 'all', got {decode!r}.")
         if cuda_graph and not torch.cuda.is_available():
             raise UserError("cuda_graph=True needs a CUDA GPU; PyTorch sees none.")
         self.warmup_steps = warmup_steps
@@ -63,30 +59,16 @@ class PatchParallel(ParallelMethod):
         self.compile = compile
         self.cuda_graph = cuda_graph
         self.graph_warmup = graph_warmup
-        self.decode = decode
         self.hook: PatchHook | None = None
 
     def apply(self, pipe: Any, mesh: Any) -> None:
         self.hook = apply_to_unet(denoiser_of(pipe), mesh.get_group(self.mesh_dim), self,
                                   vae_scale_factor=getattr(pipe, "vae_scale_factor", 8))
         self.hook.watch_scheduler(pipe)
-        if self.decode == "main" and mesh.get_rank() != 0 and getattr(pipe, "vae", None) is not None:
-            skip_decode(pipe.vae, getattr(pipe, "vae_scale_factor", 8))
 
     def __repr__(self) -> str:
         return (f"PatchParallel(warmup_steps={self.warmup_steps}, gn_mode={self.gn_mode!r}, mode={self.mode!r}, "
                 f"compile={self.compile!r}, cuda_graph={self.cuda_graph})")
-
-
-def skip_decode(vae: torch.nn.Module, scale: int) -> None:
-    """Every rank holds the same final latent; only rank 0 needs pixels, so the others decode to zeros."""
-    from diffusers.models.autoencoders.vae import DecoderOutput
-
-    def decode(z, return_dict: bool = True, *args, **kwargs):
-        out = z.new_zeros(z.shape[0], vae.config.out_channels, z.shape[-2] * scale, z.shape[-1] * scale)
-        return DecoderOutput(sample=out) if return_dict else (out,)
-
-    vae.decode = decode
 
 
 def apply_to_unet(unet: torch.nn.Module, group: Any, config: PatchParallel, vae_scale_factor: int = 8) -> "PatchHook":

@@ -11,6 +11,7 @@ import copy
 import pytest
 import torch
 
+from paradiff.plans.patch_layers import auto_gn_mode
 from test_patch_support import run_ranks, tiny_unet, unet_inputs
 
 pytestmark = pytest.mark.slow
@@ -57,6 +58,9 @@ def _check_modes(kinds, size, gn_modes):
         for gn in gn_modes:
             unet, hook = _patched(base, group, warmup_steps=1, gn_mode=gn)
             errs[gn] = _rel(_loop(unet, kwargs, hook), serial)
+        unet, hook = _patched(base, group, warmup_steps=1)  # gn_mode "auto"
+        errs["auto"] = _rel(_loop(unet, kwargs, hook), serial)
+        errs["auto_resolved"] = (hook.gn_mode, sorted({norm.mode for norm in hook.norms}))
         unet, hook = _patched(base, group, mode="naive")
         errs["naive"] = _rel(_loop(unet, kwargs, hook), serial)
         result[kind] = errs
@@ -66,7 +70,7 @@ def _check_modes(kinds, size, gn_modes):
 @pytest.mark.parametrize("world", [2, 4])
 def test_patch_exact_and_stale(world):
     size = 16 if world == 2 else 32  # each of 4 patches must survive the sdxl-shaped UNet's 2 downsamplings
-    gn_modes = ("corrected", "sync", "stale", "separate") if world == 2 else ("corrected",)
+    gn_modes = ("corrected", "sync", "stale", "separate") if world == 2 else ("corrected", "stale")
     for rank_result in run_ranks(_check_modes, world, ("sd", "sdxl"), size, gn_modes):
         for kind, errs in rank_result.items():
             assert errs["counts"]["conv"] > 0 and errs["counts"]["attention"] > 0 and errs["counts"]["groupnorm"] > 0
@@ -75,5 +79,8 @@ def test_patch_exact_and_stale(world):
             for gn in gn_modes:
                 assert 1e-6 < errs[gn] < 0.2, f"{kind}/{gn}: stale relative error {errs[gn]}"
                 assert errs[gn] < errs["naive"], f"{kind}/{gn}: stale ({errs[gn]}) not better than naive ({errs['naive']})"
+            resolved = auto_gn_mode(size // world)
+            assert errs["auto_resolved"] == (resolved, [resolved]), errs["auto_resolved"]
+            assert errs["auto"] == errs[resolved], "auto must be exactly the mode it resolves to"
             if world == 2:
                 assert errs["sync"] <= errs["separate"], f"{kind}: exact GroupNorm should beat per-patch statistics: {errs}"

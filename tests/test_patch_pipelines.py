@@ -41,11 +41,11 @@ def _check_pipelines(cases):
         serial = _run(serial_pipe, **extra)
         pipe = _img2img(_build(kind)) if img2img else _build(kind)
         built = [CFGParallel() if m == "cfg" else PatchParallel(**kw) for m, kw in methods]
-        parallelize(pipe, *built)
+        parallelize(pipe, *built, main_rank_stages="all-ranks" not in name)
         images = _run(pipe, **extra)
         if runtime.get().rank == 0 or "all-ranks" in name:
             out[name] = float(np.abs(images - serial).max())
-        elif any(m == "patch" for m, _ in methods):  # only rank 0 decodes by default
+        else:  # only rank 0 decodes by default
             out[name + "-not-decoded"] = float(np.abs(images - 0.5).max())
         if name == "sd-patch4-exact":  # a latent height that cannot be split gives one clear error
             try:
@@ -62,7 +62,7 @@ EXACT = {"warmup_steps": 100}
 def test_pipelines_two_ranks():
     cases = [
         ("sd-patch-exact", "sd", [("patch", EXACT)], False),
-        ("sd-patch-exact-all-ranks", "sd", [("patch", {**EXACT, "decode": "all"})], False),
+        ("sd-patch-exact-all-ranks", "sd", [("patch", EXACT)], False),
         ("sd-cfg", "sd", [("cfg", {})], False),
         ("sd-patch-default", "sd", [("patch", {})], False),
         ("sd-img2img-patch-exact", "sd", [("patch", EXACT)], True),
@@ -98,6 +98,12 @@ def test_bad_configuration_errors():
 
     with pytest.raises(UserError, match="gn_mode"):
         PatchParallel(gn_mode="fresh")
+    from paradiff.commands.common import GN_MODES as CLI_GN_MODES
+    from paradiff.plans.patch_layers import GN_MODES, auto_gn_mode
+
+    assert CLI_GN_MODES == GN_MODES, "the CLI's --gn-mode choices (kept torch-free) must follow the plan's modes"
+    assert PatchParallel().gn_mode == "auto"
+    assert [auto_gn_mode(rows) for rows in (64, 16, 15, 8)] == ["corrected", "corrected", "stale", "stale"]
     with pytest.raises(UserError, match="mode must be"):
         PatchParallel(mode="overlap")
     with pytest.raises(UserError, match="warmup_steps"):

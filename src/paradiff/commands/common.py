@@ -7,7 +7,7 @@ import argparse
 from paradiff.errors import UserError
 
 METHODS = ("none", "patch", "cfg", "cfg+patch", "async", "cfg+async")
-GN_MODES = ("corrected", "sync", "stale", "separate")
+GN_MODES = ("auto", "corrected", "sync", "stale", "separate")
 
 
 def _int_at_least(minimum: int):
@@ -64,7 +64,9 @@ def add_parallel_args(parser: argparse.ArgumentParser, methods: tuple[str, ...] 
                        help="start N local ranks (not needed under torchrun)")
     group.add_argument("--warmup-steps", type=non_negative_int, default=None,
                        help="synchronous steps before stale activations are used (patch, async)")
-    group.add_argument("--gn-mode", default=None, choices=GN_MODES, help="GroupNorm statistics mode (patch)")
+    group.add_argument("--gn-mode", default=None, choices=GN_MODES,
+                       help="GroupNorm statistics in stale steps (patch; default auto: corrected with >= 16 latent "
+                            "rows per patch, stale below)")
     group.add_argument("--stride", type=positive_int, default=None, help="async denoising stride: 1 or 2")
     group.add_argument("--time-shift", action="store_true", default=None, help="async denoising time shift")
     parser.set_defaults(check_before_launch=check_before_launch)

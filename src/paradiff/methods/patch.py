@@ -25,7 +25,7 @@ from paradiff.errors import UserError
 from paradiff.methods.cfg import denoiser_of
 from paradiff.parallel import ParallelMethod
 from paradiff.plans import unet2d
-from paradiff.plans.patch_layers import GN_MODES
+from paradiff.plans.patch_layers import GN_MODES, auto_gn_mode
 
 HOOK_NAME = "paradiff.patch"
 MODES = ("displaced", "naive")
@@ -35,7 +35,8 @@ class PatchParallel(ParallelMethod):
     """Split the latent rows over the ranks of mesh dimension "patch" (all ranks left by other methods).
 
     warmup_steps: first steps run fully synchronous (exact); at least the first step always is.
-    gn_mode: GroupNorm statistics in stale steps: corrected (default), sync, stale, separate.
+    gn_mode: GroupNorm statistics in stale steps: auto (default: corrected when each patch has >= 16 latent
+        rows, stale below, where the corrected estimate breaks down), corrected (paper), sync, stale, separate.
     mode: "displaced" (DistriFusion) or "naive" (patches never interact: the baseline that shows seams).
     compile: torch.compile the step (True, or a dict of torch.compile keyword arguments); None: on CUDA only.
     cuda_graph: replay stale steps from a CUDA graph after `graph_warmup` stale steps; None: on CUDA only.
@@ -43,7 +44,7 @@ class PatchParallel(ParallelMethod):
 
     mesh_dim = "patch"
 
-    def __init__(self, warmup_steps: int = 4, gn_mode: str = "corrected", mode: str = "displaced",
+    def __init__(self, warmup_steps: int = 4, gn_mode: str = "auto", mode: str = "displaced",
                  compile: bool | dict | None = None, cuda_graph: bool | None = None, graph_warmup: int = 1):
         if not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise UserError(f"warmup_steps must be a whole number >= 0, got {warmup_steps!r}.")
@@ -111,7 +112,10 @@ class PatchHook(ModelHook):
         self.world, self.rank = self.exchange.world, self.exchange.rank
         self.factor = unet2d.downsampling_factor(unet)
         self.vae_scale_factor = vae_scale_factor
-        self.counts = unet2d.apply(unet, self.exchange, config.gn_mode) if config.mode == "displaced" else {}
+        hooks = unet2d.apply(unet, self.exchange, config.gn_mode) if config.mode == "displaced" else {}
+        self.counts = {kind: len(installed) for kind, installed in hooks.items()}
+        self.norms = hooks.get("groupnorm", [])
+        self.gn_mode = config.gn_mode  # "auto" is resolved per input shape
         self.step = 0
         self._key: tuple | None = None
         self._compiled = None
@@ -168,6 +172,10 @@ class PatchHook(ModelHook):
         if fresh:  # new shapes: new buffers, and the first step must be synchronous to fill them
             self.exchange.reset()
             self._key, self._graph, self._stale_seen = key, None, 0
+            if self.config.gn_mode == "auto":
+                self.gn_mode = auto_gn_mode(sample.shape[-2] // self.world)
+                for norm in self.norms:
+                    norm.mode = self.gn_mode
         displaced = self.config.mode == "displaced"
         sync = displaced and (self.step < max(1, self.config.warmup_steps) or not self.exchange.ready)
         self.exchange.sync = sync

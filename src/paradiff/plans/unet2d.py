@@ -39,27 +39,27 @@ def _register(module: torch.nn.Module, hook) -> None:
     HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, HOOK_NAME)
 
 
-def apply(unet: torch.nn.Module, exchange: StaleExchange, gn_mode: str) -> dict[str, int]:
-    """Install the displaced-patch hooks on `unet`; returns how many modules got each hook."""
-    counts = {"conv": 0, "attention": 0, "groupnorm": 0}
+def apply(unet: torch.nn.Module, exchange: StaleExchange, gn_mode: str) -> dict[str, list]:
+    """Install the displaced-patch hooks on `unet`; returns the hooks installed, by kind."""
+    hooks: dict[str, list] = {"conv": [], "attention": [], "groupnorm": []}
     for name, module in unet.named_modules():
         if isinstance(module, torch.nn.Conv2d) and module.kernel_size[0] > 1:
             if module.padding_mode != "zeros" or module.kernel_size[0] != 2 * module.padding[0] + 1 \
                     or module.dilation[0] != 1:
                 raise UserError(f"patch parallelism does not support the conv {name} ({module}).")
-            _register(module, HaloConv2d(exchange))
-            counts["conv"] += 1
+            hooks["conv"].append(HaloConv2d(exchange))
+            _register(module, hooks["conv"][-1])
         elif isinstance(module, Attention) and not module.is_cross_attention:
             if getattr(module, "fused_projections", False) or not hasattr(module, "to_k"):
                 raise UserError(f"patch parallelism needs separate to_k/to_v projections in {name}; "
                                 "call unfuse_qkv_projections() first.")
-            _register(module.to_k, FullKV(exchange))
-            _register(module.to_v, FullKV(exchange))
-            counts["attention"] += 1
+            hooks["attention"].append((FullKV(exchange), FullKV(exchange)))
+            _register(module.to_k, hooks["attention"][-1][0])
+            _register(module.to_v, hooks["attention"][-1][1])
         elif isinstance(module, torch.nn.GroupNorm):
-            _register(module, PatchGroupNorm(exchange, gn_mode))  # "separate" still syncs in warm-up steps
-            counts["groupnorm"] += 1
+            hooks["groupnorm"].append(PatchGroupNorm(exchange, gn_mode))  # "separate" syncs in warm-up steps
+            _register(module, hooks["groupnorm"][-1])
         elif isinstance(module, (torch.nn.BatchNorm2d, torch.nn.InstanceNorm2d)) or (
                 isinstance(module, torch.nn.Conv2d) and module.kernel_size[1] > 1 and module.kernel_size[0] == 1):
             raise UserError(f"patch parallelism has no rule for {name} ({type(module).__name__}).")
-    return counts
+    return hooks

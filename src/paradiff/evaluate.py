@@ -125,6 +125,18 @@ def _generate(pipe, pairs, *, seed, steps, guidance, height, width, call_kwargs)
     return images, time.perf_counter() - t0
 
 
+def _from_main_rank(images: list, device) -> list:
+    """Rank 0's images on every rank: under `parallelize` only rank 0 decodes (the others hold blank images), and
+    every rank scores the same images so that all return the same report."""
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    stacked = torch.from_numpy(np.stack(images)).to(device)
+    dist.broadcast(stacked, src=0)
+    return list(stacked.cpu().numpy())
+
+
 def _adherence(pairs, images):
     """Checker results per prompt (None for prompts outside the shapes grammar) and their summary."""
     from paradiff.reference.checker import attribute_accuracy, check
@@ -201,6 +213,8 @@ def evaluate(
             pipe.set_progress_bar_config(disable=True)
         method_images, method_s = _generate(pipe, pairs, **gen_kw)
         world = rt.world_size
+        if world > 1:
+            method_images = _from_main_rank(method_images, rt.device)
     else:
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The multi-GPU measurements of issues 4 and 5, one section per device command (each stays under the device tool's
+# 10-minute limit; compiling SDXL takes about a minute per configuration and rank).
+#
+#   bash benchmarks/gpu_session.sh SECTION        # on a 2 x H200 machine, from the repository root
+#
+# SECTION: patch1024 | patch2048 | async-sdxl | async-sd21 | smoke (tiny models, ~1 min: run it first)
+# Logs and results go to $OUT (the device tool's output folder), or ./gpu-out when $OUT is unset; copy the
+# results into benchmarks/results/ afterwards. diffusers is not on the device image: carry the wheels made by
+# ../shared/tools/device-wheels.sh in .whl/ (this script installs them into .site/).
+set -euo pipefail
+section=${1:?usage: gpu_session.sh patch1024|patch2048|async-sdxl|async-sd21|smoke}
+out=${OUT:-gpu-out}
+mkdir -p "$out"
+if [ -d .whl ] && ! python3 -c "import diffusers" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl
+fi
+export PYTHONPATH=$PWD/.site:$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpus.txt"
+python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" \
+  | tee "$out/versions.txt"
+run() {  # run NAME COMMAND...: a time limit per step so one hang cannot take the whole command's budget
+  local name=$1; shift
+  echo "== $name: $*" | tee -a "$out/commands.txt"
+  timeout 560 "$@" 2>&1 | tee "$out/$name.log"
+}
+case $section in
+  smoke)
+    run patch-tiny torchrun --nproc-per-node 2 benchmarks/patch_bench.py --tiny --steps 8 --out "$out/patch-tiny"
+    run async-tiny torchrun --nproc-per-node 2 benchmarks/async_bench.py --tiny --out "$out/async-tiny" ;;
+  patch1024)
+    run patch-sdxl1024 torchrun --nproc-per-node 2 benchmarks/patch_bench.py --configs baseline,patch,patch-nocomm,cfg \
+      --out "$out/patch-sdxl1024-h200x2" ;;
+  patch2048)
+    run patch-sdxl2048 torchrun --nproc-per-node 2 benchmarks/patch_bench.py --size 2048 --steps 30 \
+      --configs baseline,patch --out "$out/patch-sdxl2048-h200x2" ;;
+  async-sdxl)
+    run async-sdxl torchrun --nproc-per-node 2 benchmarks/async_bench.py --arch sdxl --out "$out/async-sdxl-h200x2" ;;
+  async-sd21)
+    run async-sd21 torchrun --nproc-per-node 2 benchmarks/async_bench.py --arch sd21 --out "$out/async-sd21-h200x2" ;;
+  *) echo "unknown section $section" >&2; exit 2 ;;
+esac

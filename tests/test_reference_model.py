@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -118,3 +119,15 @@ def test_training_smoke_run_produces_loadable_pipelines(tmp_path):
         record = json.loads((folder / "training.json").read_text())
         assert "vae" in record["stages"] or "teacher_vae" in record["stages"]
         assert (folder / "TRAINING.md").exists()
+
+
+def test_resume_starts_from_the_shipped_model_and_keeps_its_records(tmp_path):
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "2", "CUDA_VISIBLE_DEVICES": ""}
+    out = subprocess.run([sys.executable, "-m", "paradiff.reference.train", "--stage", "unet", "--resume", "--smoke",
+                          "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resuming from the shipped model" in out.stdout
+    shipped = json.loads((Path(DEFAULT_MODEL) / "training.json").read_text())["stages"]
+    stages = json.loads((tmp_path / "shapes-sd" / "training.json").read_text())["stages"]
+    assert set(shipped) < set(stages), "the shipped model's stage records must be kept"
+    assert stages["unet_resume_2"]["metrics"]["steps"] == 3

@@ -8,7 +8,11 @@ one H100: vae ~23 it/s (batch 64), unet ~13 it/s (batch 512, compiled; compile ~
 weights used (see their training.json): vae 1.5 min, unet 7 min (min-SNR, the old default), unet --resume 1.4 min
 with --high-noise-frac 0.7 (uniform loss), fast 0.6 min, ~12 min in all. Use --<stage>-minutes to fit a budget.
 `--smoke` runs every stage on the CPU with tiny step counts. Each stage records command, device, time and metrics
-in `training.json` (and `TRAINING.md`) next to the weights.
+in `training.json` (and `TRAINING.md`) next to the weights. `--stage unet --resume` into a DIR without a model
+continues from the shipped weights, e.g. (one GPU, then re-distil the few-step model from the new teacher):
+
+    python -m paradiff.reference.train --stage unet --resume --out .ref --unet-minutes 6 --cache 200000 --lr 3e-4
+    python -m paradiff.reference.train --stage fast --out .ref --teacher-samples 4096 --fast-minutes 2
 """
 
 from __future__ import annotations
@@ -131,7 +135,11 @@ def _record(folder, stage, args, device, seconds, metrics, extra=None):
     if os.path.exists(path):
         with open(path) as f:
             info = json.load(f)
-    info.setdefault("stages", {})[stage] = {
+    stages = info.setdefault("stages", {})
+    base, n = stage, 2
+    while stage in stages:  # a stage that ran again (e.g. a second --resume) keeps the earlier record
+        stage, n = f"{base}_{n}", n + 1
+    stages[stage] = {
         "command": "python -m paradiff.reference.train " + " ".join(shlex.quote(a) for a in args.argv),
         "device": _device_name(device),
         "torch": torch.__version__,
@@ -168,6 +176,8 @@ def merge_records(folder, other, prefix=""):
     path = os.path.join(folder, "training.json")
     with open(path) as f:
         info = json.load(f)
+    if not os.path.exists(os.path.join(other, "training.json")):  # e.g. a VAE seeded from the shipped model
+        return
     with open(os.path.join(other, "training.json")) as f:
         extra = json.load(f)["stages"]
     stages = {prefix + k: v for k, v in extra.items() if k not in info["stages"]}
@@ -270,9 +280,27 @@ def _latent_cache(vae, tok, n, seed, device, chunk=1024):
     return lat, ids
 
 
+def _seed_from_shipped_model(out: str) -> None:
+    """`--resume` into an empty OUT: start from the model shipped in the package (its weights, VAE, tokenizer)."""
+    import shutil
+
+    from paradiff.reference import DEFAULT_MODEL
+
+    dst = os.path.join(out, "shapes-sd")
+    if os.path.exists(os.path.join(dst, "model_index.json")):
+        return
+    shutil.copytree(DEFAULT_MODEL, dst, dirs_exist_ok=True)
+    for part in ("vae", "tokenizer"):
+        if not os.path.exists(os.path.join(out, part)):
+            shutil.copytree(os.path.join(DEFAULT_MODEL, part), os.path.join(out, part))
+    print("resuming from the shipped model", DEFAULT_MODEL)
+
+
 def train_unet(args, device):
     from diffusers import AutoencoderKL
 
+    if args.resume:
+        _seed_from_shipped_model(args.out)
     tok_dir = os.path.join(args.out, "tokenizer")
     tok, text, _, unet = build.new_components(tok_dir, seed=args.seed)
     vae = AutoencoderKL.from_pretrained(os.path.join(args.out, "vae")).to(device).eval()

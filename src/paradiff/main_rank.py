@@ -11,6 +11,7 @@ latent. So, when a pipeline is parallelized:
 
 from __future__ import annotations
 
+import pickle
 from typing import Any
 
 import torch
@@ -24,6 +25,17 @@ def _free(module: torch.nn.Module) -> None:
     """Replace the module's weights by empty tensors (same dtype and device): it must never run again."""
     for tensor in list(module.parameters()) + list(module.buffers()):
         tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+
+
+def _picklable(error: Exception | None) -> Exception | None:
+    """The error itself if it can be sent to the other ranks, else a RuntimeError with its message."""
+    if error is None:
+        return None
+    try:
+        pickle.dumps(error)
+        return error
+    except Exception:  # noqa: BLE001 - any pickling failure
+        return RuntimeError(f"{type(error).__name__}: {error}")
 
 
 def share_prompt_encoding(pipe: Any, group: Any = None, device: torch.device | None = None) -> None:
@@ -45,13 +57,14 @@ def share_prompt_encoding(pipe: Any, group: Any = None, device: torch.device | N
                 error, leaves, spec = err, [], pytree.tree_flatten(None)[1]
             leaves = [x.contiguous() if isinstance(x, torch.Tensor) else x for x in leaves]
             meta = [(tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else None for x in leaves]
-            header = [pytree.treespec_dumps(spec), meta, [None if m else x for m, x in zip(meta, leaves)], error]
+            header = [pytree.treespec_dumps(spec), meta, [None if m else x for m, x in zip(meta, leaves)],
+                      _picklable(error)]
         else:
             header = [None, None, None, None]
         dist.broadcast_object_list(header, group=group, group_src=0)
-        spec_text, meta, constants, error = header
-        if error is not None:
-            raise error
+        spec_text, meta, constants, sent_error = header
+        if sent_error is not None:
+            raise error if main else sent_error
         if not main:
             target = device or torch.device("cpu")
             leaves = [torch.empty(m[0], dtype=m[1], device=target) if m else c for m, c in zip(meta, constants)]

@@ -115,7 +115,8 @@ def run(args) -> int:
     from diffusers import DDIMScheduler
 
     from paradiff import runtime
-    from paradiff.methods.asyncdenoise import apply_to_module, elapsed_ms
+    from paradiff.bench import elapsed_ms
+    from paradiff.methods.asyncdenoise import apply_to_module
     from paradiff.methods.split import explain_split
 
     rt = runtime.init(args.device)
@@ -161,8 +162,8 @@ def run(args) -> int:
                 unet = build(arch, dtype, device)
                 latent, kwargs = call_inputs(unet, size, dtype, device)
                 if rt.is_main and stride == 1:
-                    print(explain_split(unet, n), flush=True)
                     explain = explain_split(unet, n)
+                    print(explain, flush=True)
                 apply_to_module(unet, group, lambda: sched, stride=stride, warmup_steps=args.warmup_steps,
                                 compile=compile_backend or False, cuda_graph=graphs)
                 params = sum(p.numel() for p in unet.parameters())

@@ -44,6 +44,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def clock_mark(device: torch.device) -> Any:
+    """A CUDA event recorded on the current stream (no sync) on a GPU, the host clock on the CPU."""
+    if device.type != "cuda":
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def elapsed_ms(start: Any, end: Any) -> float:
+    """Milliseconds between two `clock_mark`s (synchronize CUDA first)."""
+    return start.elapsed_time(end) if isinstance(start, torch.cuda.Event) else (end - start) * 1e3
+
+
 def time_calls(fn: Callable[[], Any], device: torch.device, runs: int, warmup: int) -> list[float]:
     """Milliseconds of each of `runs` calls of `fn`, after `warmup` untimed calls."""
     for _ in range(warmup):
@@ -137,26 +151,15 @@ class StepTimer:
         self.pending: list = []
         self._handles = [module.register_forward_pre_hook(self._pre), module.register_forward_hook(self._post)]
 
-    def _mark(self):
-        """A recorded CUDA event on a GPU, the host clock on the CPU."""
-        if self.device.type != "cuda":
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
     def _pre(self, *_):
-        self.pending.append([self._mark(), None])
+        self.pending.append([clock_mark(self.device), None])
 
     def _post(self, *_):
-        self.pending[-1][1] = self._mark()
+        self.pending[-1][1] = clock_mark(self.device)
 
     def take(self) -> list[float]:
         _sync(self.device)
-        if self.device.type == "cuda":
-            out = [start.elapsed_time(end) for start, end in self.pending]
-        else:
-            out = [(end - start) * 1e3 for start, end in self.pending]
+        out = [elapsed_ms(start, end) for start, end in self.pending]
         self.pending = []
         return out
 

@@ -24,12 +24,9 @@ UINT8_RANGE = 255.0
 
 
 def _is_main() -> bool:
-    try:
-        from paradiff import runtime
+    from paradiff import runtime
 
-        return runtime.is_main_process()
-    except ImportError:  # pragma: no cover - runtime is part of the package
-        return int(os.environ.get("RANK", 0)) == 0
+    return runtime.is_main_process()
 
 
 def _is_fast_scheduler(pipe) -> bool:

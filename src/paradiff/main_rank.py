@@ -21,7 +21,7 @@ from torch.utils import _pytree as pytree
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
-def _free(module: torch.nn.Module) -> None:
+def free_weights(module: torch.nn.Module) -> None:
     """Replace the module's weights by empty tensors (same dtype and device): it must never run again."""
     for tensor in list(module.parameters()) + list(module.buffers()):
         tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
@@ -78,7 +78,7 @@ def share_prompt_encoding(pipe: Any, group: Any = None, device: torch.device | N
         for name in TEXT_ENCODERS:
             encoder = getattr(pipe, name, None)
             if isinstance(encoder, torch.nn.Module):
-                _free(encoder)
+                free_weights(encoder)
 
 
 def decode_on_main_only(pipe: Any, main: bool) -> None:
@@ -101,4 +101,4 @@ def decode_on_main_only(pipe: Any, main: bool) -> None:
     for name in ("decoder", "post_quant_conv"):
         part = getattr(vae, name, None)
         if isinstance(part, torch.nn.Module):
-            _free(part)
+            free_weights(part)

@@ -26,7 +26,6 @@ step runs on every rank; prompt encoding and VAE decoding run on rank 0 only (`p
 from __future__ import annotations
 
 import inspect
-import time
 import warnings
 import weakref
 from typing import Any, Callable
@@ -36,7 +35,9 @@ import torch.distributed as dist
 from diffusers.hooks import HookRegistry, ModelHook
 from torch.utils import _pytree as pytree
 
+from paradiff.bench import clock_mark
 from paradiff.errors import UserError
+from paradiff.main_rank import free_weights
 from paradiff.methods.split import Split, split
 from paradiff.parallel import ParallelMethod
 
@@ -58,17 +59,8 @@ def _signature(obj: Any) -> tuple:
 
 
 def _clock(like: Any) -> Any:
-    """A CUDA event recorded on the current stream (no sync), or perf_counter on the CPU."""
-    if _tensor(like) and like.is_cuda:
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-    return time.perf_counter()
-
-
-def elapsed_ms(start: Any, end: Any) -> float:
-    """Milliseconds between two `_clock` marks (synchronize CUDA first)."""
-    return start.elapsed_time(end) if isinstance(start, torch.cuda.Event) else (end - start) * 1e3
+    """A timing mark on the device of `like` (a CUDA event, no sync), or the host clock."""
+    return clock_mark(like.device if _tensor(like) else torch.device("cpu"))
 
 
 class _State:
@@ -360,10 +352,7 @@ def apply_to_module(model: torch.nn.Module, group: Any, scheduler: Callable[[], 
         module = model.get_submodule(name)
         local = plan.component_of(unit) == state.comp
         if not local:
-            for p in module.parameters():
-                p.data = torch.empty(0, dtype=p.dtype, device=p.device)
-            for b_name, b in module.named_buffers():
-                b.data = torch.empty(0, dtype=b.dtype, device=b.device)
+            free_weights(module)
         HookRegistry.check_if_exists_or_initialize(module).register_hook(
             _UnitHook(state, unit, name, local), HOOK_NAME)
     registry.register_hook(

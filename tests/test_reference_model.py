@@ -117,7 +117,8 @@ def test_training_smoke_run_produces_loadable_pipelines(tmp_path):
         pipe = StableDiffusionPipeline.from_pretrained(folder)
         assert type(pipe.scheduler).__name__ == sched
         record = json.loads((folder / "training.json").read_text())
-        assert "vae" in record["stages"] or "teacher_vae" in record["stages"]
+        names = [n.removeprefix("teacher_") for n in record["stages"]]
+        assert names[:3] == ["vae", "vae_decoder", "unet"], names
         assert (folder / "TRAINING.md").exists()
 
 
@@ -130,4 +131,26 @@ def test_resume_starts_from_the_shipped_model_and_keeps_its_records(tmp_path):
     shipped = json.loads((Path(DEFAULT_MODEL) / "training.json").read_text())["stages"]
     stages = json.loads((tmp_path / "shapes-sd" / "training.json").read_text())["stages"]
     assert set(shipped) < set(stages), "the shipped model's stage records must be kept"
-    assert stages["unet_resume_2"]["metrics"]["steps"] == 3
+    (new,) = set(stages) - set(shipped)
+    assert new.startswith("unet_resume_") and stages[new]["metrics"]["steps"] == 3
+    assert list(stages)[-1] == new, "records are listed in the order they ran"
+
+
+def test_decoder_stage_keeps_the_latent_space(tmp_path):
+    """The decoder fine-tune must leave the encoder untouched, or the shipped UNet would no longer fit the VAE."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "2", "CUDA_VISIBLE_DEVICES": ""}
+    out = subprocess.run([sys.executable, "-m", "paradiff.reference.train", "--stage", "decoder", "--smoke",
+                          "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    old = AutoencoderKL.from_pretrained(DEFAULT_MODEL, subfolder="vae", torch_dtype=torch.float32).state_dict()
+    new = AutoencoderKL.from_pretrained(tmp_path / "vae").state_dict()
+    frozen = [k for k in old if k.startswith(("encoder.", "quant_conv."))]
+    trained = [k for k in old if k.startswith(("decoder.", "post_quant_conv."))]
+    assert frozen and trained
+    assert all(torch.equal(old[k], new[k].to(old[k].dtype)) for k in frozen)
+    assert any(not torch.equal(old[k], new[k].to(old[k].dtype)) for k in trained)
+    record = json.loads((tmp_path / "vae" / "training.json").read_text())["stages"]["vae_decoder"]["metrics"]
+    assert {"recon_adherence", "recon_adherence_before", "recon_bad_pixels"} <= set(record)

@@ -41,6 +41,29 @@ def test_generate_on_a_saved_pipeline_folder(tiny_pipeline_dir, tmp_path):
     assert "wrote" in proc.stdout
 
 
+def test_main_command_draws_what_it_is_asked(tmp_path):
+    """README's main job with no flags: the embedded model at its own guidance draws the prompt (checked from pixels)."""
+    from paradiff.reference.checker import check
+
+    out = tmp_path / "star.png"
+    prompt = "a large yellow star at the top, purple background"
+    proc, _ = run_cli("generate", prompt, "-o", str(out), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = check(Image.open(out), prompt)
+    assert result.matched, result.analysis
+
+
+def test_generate_uses_the_embedded_models_guidance_unless_told():
+    from paradiff.cli import build_parser
+    from paradiff.commands.generate import call_kwargs
+    from paradiff.reference import DEFAULT_GUIDANCE
+
+    parser = build_parser()
+    assert call_kwargs(parser.parse_args(["generate", "x"]))["guidance_scale"] == DEFAULT_GUIDANCE == 3.0
+    assert call_kwargs(parser.parse_args(["generate", "x", "--guidance", "6"]))["guidance_scale"] == 6.0
+    assert "guidance_scale" not in call_kwargs(parser.parse_args(["generate", "x", "--model", "some/model"]))
+
+
 def test_info_lists_versions_and_backends():
     proc, _ = run_cli("info")
     assert proc.returncode == 0, proc.stderr

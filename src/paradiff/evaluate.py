@@ -39,8 +39,10 @@ def default_steps(pipe) -> int:
 
 
 def default_guidance(pipe) -> float:
-    """5.0 with CFG (what the reference model is trained and measured at); 1.0 (off) for LCM, guidance is baked in."""
-    return 1.0 if _is_fast_scheduler(pipe) else 5.0
+    """The reference model's CFG scale (`paradiff.reference.DEFAULT_GUIDANCE`); 1.0 (off) for LCM, baked in."""
+    from paradiff.reference import DEFAULT_GUIDANCE
+
+    return 1.0 if _is_fast_scheduler(pipe) else DEFAULT_GUIDANCE
 
 
 def _to_uint8(images) -> list:
@@ -183,7 +185,7 @@ def evaluate(
 
     `pipe` must not be parallelized yet; with `methods` it is parallelized in place (call this on every rank).
     Each prompt i uses a CPU generator seeded with its own seed + `seed`, identical for serial and method.
-    `steps`/`guidance` default to 25 and 5.0 (4 and 1.0 for LCM pipelines). Returns a JSON-ready dict with
+    `steps`/`guidance` default to 25 and `DEFAULT_GUIDANCE` (4 and 1.0 for LCM pipelines). Returns a JSON-ready dict with
     `serial` and `method` adherence, `vs_serial` (PSNR/SSIM mean and min, max abs diff), per-prompt `rows`.
     """
     if getattr(pipe, "_paradiff_methods", None):

@@ -17,10 +17,27 @@ def add_parser(sub) -> None:
     p.add_argument("--steps", type=positive_int, default=25, help="denoising steps (default 25)")
     p.add_argument("--size", type=image_size, default=None, help="N or HxW, multiples of 8 (default: the model's)")
     p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: pipeline's)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: 3.0 for the embedded model, else the pipeline's)")
     p.add_argument("-o", "--output", default="out.png", help="output image file (written by rank 0)")
     add_parallel_args(p)
     p.set_defaults(run=run)
+
+
+def call_kwargs(args: argparse.Namespace) -> dict:
+    """The pipeline call's options from the flags; the embedded model gets its own CFG scale, not diffusers' 7.5."""
+    kwargs = {"num_inference_steps": args.steps}
+    if args.size is not None:
+        kwargs["height"], kwargs["width"] = args.size
+    guidance = args.guidance
+    if guidance is None and args.model is None:
+        from paradiff.reference import DEFAULT_GUIDANCE
+
+        guidance = DEFAULT_GUIDANCE
+    if guidance is not None:
+        kwargs["guidance_scale"] = guidance
+    if args.negative_prompt is not None:
+        kwargs["negative_prompt"] = args.negative_prompt
+    return kwargs
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,13 +52,7 @@ def run(args: argparse.Namespace) -> int:
         parallelize(pipe, *methods)
     else:
         pipe.to(rt.device)
-    kwargs = {"num_inference_steps": args.steps}
-    if args.size is not None:
-        kwargs["height"], kwargs["width"] = args.size
-    if args.guidance is not None:
-        kwargs["guidance_scale"] = args.guidance
-    if args.negative_prompt is not None:
-        kwargs["negative_prompt"] = args.negative_prompt
+    kwargs = call_kwargs(args)
     generator = torch.Generator("cpu").manual_seed(args.seed)
     image = pipe(args.prompt, generator=generator, **kwargs).images[0]
     if rt.is_main:

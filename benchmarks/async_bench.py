@@ -154,7 +154,7 @@ def run(args) -> int:
                 rows.append(dict(arch=label, size=size, steps=steps, config=name, ranks=1, median_s=statistics.median(times),
                                  times=times, peak_gb=[peak_gb(device)], params=[full_params]))
                 print(f"[{label}] {name}: {statistics.median(times):.3f} s", flush=True)
-            del unet, variants, model
+            unet = variants = model = None  # free the baseline before the parallel runs
         dist.barrier()
         for n, stride in ((world, 1), (world - 1, 2)):
             name = f"async N={n} stride {stride}" + (" compiled" if compile_backend else "") + (" +graphs" if graphs else "")
@@ -186,7 +186,7 @@ def run(args) -> int:
                                      forward_ms=[i[3] for i in info],
                                      warmup_steps=args.warmup_steps, explain=explain))
                     print(f"[{label}] {name}: {statistics.median(times):.3f} s", flush=True)
-                del unet
+                unet = None
             except Exception:  # noqa: BLE001 - record and go on: one failing configuration must not lose the others
                 errors.append(dict(arch=label, config=name, rank=rt.rank, error=traceback.format_exc()[-2000:]))
                 print(f"[{label}] {name} failed on rank {rt.rank}:\n{traceback.format_exc()}", flush=True)

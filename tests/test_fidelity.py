@@ -1,7 +1,8 @@
 """Fidelity thresholds of the approximate modes on the trained reference model (2 and 4 gloo ranks, 25 steps).
 
-Measured on 16 prompts (benchmarks/results/patch-fidelity-cpu.md, async-fidelity-cpu.md): patch default 41.0 dB,
-naive patch 18.1 dB, AsyncDenoise N=2 stride 1 40.5 dB. The thresholds leave a margin, so a regression fails.
+Measured at the reference model's guidance 3.0 (benchmarks/results/patch-fidelity-cpu.md, 16 prompts; async-fidelity-
+cpu.md, 8 prompts): patch default 44.3 dB, naive patch 16.7 dB, AsyncDenoise N=2 stride 1 43.4 dB. The thresholds
+leave a margin, so a regression fails.
 """
 
 import pytest

@@ -21,9 +21,9 @@ from paradiff.comm import StaleExchange
 
 GN_MODES = ("auto", "corrected", "sync", "stale", "separate")
 # "auto" picks corrected GroupNorm when each patch has at least this many latent rows, stale below. Measured on the
-# reference model (8 prompts, 25 steps, warm-up 4; benchmarks/results/patch-fidelity-cpu.md): 16 rows per patch
-# (2 ranks): corrected 41.8 dB vs stale 39.0 dB; 8 rows (4 ranks): corrected 20.9 dB (adherence 12.5% vs 50%
-# serial) vs stale 34.3 dB (50%). The paper's settings (SDXL 1024 px on up to 8 GPUs) have >= 16 rows per patch.
+# reference model (25 steps, warm-up 4; benchmarks/results/patch-fidelity-cpu.md): 16 rows per patch (2 ranks,
+# 16 prompts): corrected 44.3 dB vs stale 40.4 dB; 8 rows (4 ranks, 8 prompts): corrected 29.3 dB (adherence 25%
+# vs 75% serial) vs stale 36.6 dB (75%). The paper's settings (SDXL 1024 px on up to 8 GPUs) have >= 16 rows per patch.
 CORRECTED_MIN_ROWS = 16
 
 

@@ -132,8 +132,8 @@ def write(out: Path, rows: list[dict], model: str) -> None:
     for r in data["rows"]:
         exact = f"{r['exact_max_abs']:.1e}" if "exact_max_abs" in r else "-"
         lines.append(f"| {r['components']} | {r['stride']} | {r['ranks']} | {r['time_shift']} | {r['warmup_steps']} | "
-                     f"{r['steps']} | {r.get('guidance', 7.5)} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['adherence']:.1%} | "
-                     f"{r['adherence_serial']:.1%} | {exact} |")
+                     f"{r['steps']} | {r.get('guidance', 7.5)} | {r['psnr']:.2f} | {r['ssim']:.4f} | "
+                     f"{r['adherence']:.1%} | {r['adherence_serial']:.1%} | {exact} |")
     (out / "async-fidelity-cpu.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -16,7 +16,8 @@ def add_parser(sub) -> None:
     p.add_argument("--fast", action="store_true", help="use the few-step reference model (paradiff.reference.FAST_MODEL)")
     p.add_argument("--prompts", type=positive_int, default=None, help="first N held-out prompts (default: all 64)")
     p.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default 25; 4 for LCM models)")
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default 3.0, the reference model's; 1.0 for LCM models)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="CFG scale (default 3.0, the reference model's; 1.0 for LCM models)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="added to every prompt's fixed seed")
     p.add_argument("--size", type=image_size, default=None, help="N or HxW (default: the model's)")
     p.add_argument("--json", default=None, help="write the full result (per-prompt rows too) to this JSON file")

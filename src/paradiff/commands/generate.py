@@ -17,7 +17,8 @@ def add_parser(sub) -> None:
     p.add_argument("--steps", type=positive_int, default=25, help="denoising steps (default 25)")
     p.add_argument("--size", type=image_size, default=None, help="N or HxW, multiples of 8 (default: the model's)")
     p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: 3.0 for the embedded model, else the pipeline's)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: 3.0 for the embedded model, else the pipeline's)")
     p.add_argument("-o", "--output", default="out.png", help="output image file (written by rank 0)")
     add_parallel_args(p)
     p.set_defaults(run=run)

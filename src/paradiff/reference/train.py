@@ -270,7 +270,8 @@ def _recon_metrics(vae, device, args) -> dict:
     err = (rec - x).abs().amax(1) / 2
     imgs = ((rec + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     ok = sum(check(im, c).matched for im, c in zip(imgs, caps))
-    return {"recon_adherence": round(ok / len(caps), 4), "recon_bad_pixels": round(float((err > 0.3).float().mean()), 5)}
+    return {"recon_adherence": round(ok / len(caps), 4),
+            "recon_bad_pixels": round(float((err > 0.3).float().mean()), 5)}
 
 
 def _seed_vae_from_shipped_model(out: str) -> None:

@@ -141,16 +141,22 @@ def test_decoder_stage_keeps_the_latent_space(tmp_path):
     import torch
     from diffusers import AutoencoderKL
 
+    import shutil
+
+    shutil.copytree(DEFAULT_MODEL, tmp_path / "shapes-sd")  # a pipeline already in OUT gets the new decoder too
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "2", "CUDA_VISIBLE_DEVICES": ""}
     out = subprocess.run([sys.executable, "-m", "paradiff.reference.train", "--stage", "decoder", "--smoke",
                           "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
     old = AutoencoderKL.from_pretrained(DEFAULT_MODEL, subfolder="vae", torch_dtype=torch.float32).state_dict()
+    in_pipe = AutoencoderKL.from_pretrained(tmp_path / "shapes-sd" / "vae", torch_dtype=torch.float32).state_dict()
     new = AutoencoderKL.from_pretrained(tmp_path / "vae").state_dict()
     frozen = [k for k in old if k.startswith(("encoder.", "quant_conv."))]
     trained = [k for k in old if k.startswith(("decoder.", "post_quant_conv."))]
     assert frozen and trained
     assert all(torch.equal(old[k], new[k].to(old[k].dtype)) for k in frozen)
     assert any(not torch.equal(old[k], new[k].to(old[k].dtype)) for k in trained)
+    assert all(torch.equal(in_pipe[k], new[k].half().float()) for k in trained)  # stored as fp16 in the pipeline
+    assert "vae_decoder" in json.loads((tmp_path / "shapes-sd" / "training.json").read_text())["stages"]
     record = json.loads((tmp_path / "vae" / "training.json").read_text())["stages"]["vae_decoder"]["metrics"]
     assert {"recon_adherence", "recon_adherence_before", "recon_bad_pixels"} <= set(record)

@@ -83,6 +83,19 @@ def _lr_at(step, progress, base, warmup):
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def _scheduled_steps(bar, steps, cap_minutes, opt, base_lr, warmup):
+    """A stage's step indices from `bar`: sets the LR for each and stops at the step count or the time cap."""
+    t_start = time.time()
+    for step in bar:
+        prog = _progress(step, steps, t_start, cap_minutes)
+        if prog >= 1.0:
+            print(f"time cap of {cap_minutes} min reached at step {step}")
+            return
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, prog, base_lr, warmup)
+        yield step
+
+
 class Prefetch:
     """Samples scenes and tokenizes captions in a background thread, so the GPU never waits on Python."""
 
@@ -208,15 +221,9 @@ def train_vae(args, device):
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     pf = Prefetch(args.seed + 11, args.vae_batch, None)
     t0 = time.time()
-    t_start, cap, done = time.time(), args.vae_minutes, 0
+    done = 0
     bar = tqdm(range(steps), desc="vae", mininterval=5)
-    for step in bar:
-        prog = _progress(step, steps, t_start, cap)
-        if prog >= 1.0:
-            print(f"time cap of {cap} min reached at step {step}")
-            break
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, prog, args.vae_lr, min(200, steps // 10 + 1))
+    for step in _scheduled_steps(bar, steps, args.vae_minutes, opt, args.vae_lr, min(200, steps // 10 + 1)):
         scenes, _, _ = pf.get()
         x = render(scenes, device) * 2 - 1
         with _autocast(device):
@@ -275,6 +282,7 @@ def _recon_metrics(vae, device, args) -> dict:
 
 
 def _seed_vae_from_shipped_model(out: str) -> None:
+    """Copy the shipped model's VAE and tokenizer into OUT where OUT has none."""
     import shutil
 
     from paradiff.reference import DEFAULT_MODEL
@@ -282,7 +290,6 @@ def _seed_vae_from_shipped_model(out: str) -> None:
     for part in ("vae", "tokenizer"):
         if not os.path.exists(os.path.join(out, part)):
             shutil.copytree(os.path.join(DEFAULT_MODEL, part), os.path.join(out, part))
-    print("decoder: starting from the shipped VAE", DEFAULT_MODEL)
 
 
 def train_decoder(args, device):
@@ -299,6 +306,7 @@ def train_decoder(args, device):
     vae_dir = os.path.join(args.out, "vae")
     if not os.path.exists(os.path.join(vae_dir, "config.json")):
         _seed_vae_from_shipped_model(args.out)
+        print("decoder: starting from the shipped VAE")
     vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32).to(device).eval()
     vae.requires_grad_(False)
     parts = [vae.post_quant_conv, vae.decoder]
@@ -313,15 +321,9 @@ def train_decoder(args, device):
     gen = torch.Generator(device).manual_seed(args.seed + 56)
     noise_raw = args.decoder_latent_noise / vae.config.scaling_factor
     steps = args.decoder_steps
-    t_start, cap, done = time.time(), args.decoder_minutes, 0
+    t_start, done = time.time(), 0
     bar = tqdm(range(steps), desc="decoder", mininterval=5)
-    for step in bar:
-        prog = _progress(step, steps, t_start, cap)
-        if prog >= 1.0:
-            print(f"time cap of {cap} min reached at step {step}")
-            break
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, prog, args.decoder_lr, min(50, steps // 10 + 1))
+    for step in _scheduled_steps(bar, steps, args.decoder_minutes, opt, args.decoder_lr, min(50, steps // 10 + 1)):
         scenes, _, _ = pf.get()
         x = render(scenes, device) * 2 - 1
         with torch.no_grad(), _autocast(device):
@@ -404,9 +406,7 @@ def _seed_from_shipped_model(out: str) -> None:
     if os.path.exists(os.path.join(dst, "model_index.json")):
         return
     shutil.copytree(DEFAULT_MODEL, dst, dirs_exist_ok=True)
-    for part in ("vae", "tokenizer"):
-        if not os.path.exists(os.path.join(out, part)):
-            shutil.copytree(os.path.join(DEFAULT_MODEL, part), os.path.join(out, part))
+    _seed_vae_from_shipped_model(out)
     print("resuming from the shipped model", DEFAULT_MODEL)
 
 
@@ -444,16 +444,11 @@ def train_unet(args, device):
     if args.compile and device.type == "cuda":
         fwd = torch.compile(unet)
     compiled_ok = fwd is not unet
-    t_start, cap, done = time.time(), args.unet_minutes, 0
+    t_start, done = time.time(), 0
     bar = tqdm(range(steps), desc="unet", mininterval=5)
     losses = []
-    for step in bar:
-        prog = _progress(step, steps, t_start, cap)
-        if prog >= 1.0:
-            print(f"time cap of {cap} min reached at step {step}")
-            break
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, prog, args.lr, min(300, steps // 10 + 1) if not args.resume else 50)
+    warmup = min(300, steps // 10 + 1) if not args.resume else 50
+    for step in _scheduled_steps(bar, steps, args.unet_minutes, opt, args.lr, warmup):
         idx = torch.randint(0, cache_lat.shape[0], (args.batch,), device=device, generator=gen)
         x0 = cache_lat[idx].float()
         drop = torch.rand(args.batch, 1, device=device, generator=gen) < 0.1  # caption dropout, for CFG
@@ -570,15 +565,8 @@ def train_fast(args, device):
     n = len(z)
     steps = args.fast_steps
     bar = tqdm(range(steps), desc="fast", mininterval=5)
-    t1 = t_start = time.time()
-    cap, done = args.fast_minutes, 0
-    for step in bar:
-        prog = _progress(step, steps, t_start, cap)
-        if prog >= 1.0:
-            print(f"time cap of {cap} min reached at step {step}")
-            break
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, prog, args.fast_lr, min(100, steps // 10 + 1))
+    t1, done = time.time(), 0
+    for step in _scheduled_steps(bar, steps, args.fast_minutes, opt, args.fast_lr, min(100, steps // 10 + 1)):
         idx = torch.randint(0, n, (args.batch,), device=device, generator=gen)
         tx0, tz, temb = x0[idx], z[idx], embs[idx]
         # half the batch at t=999 from the teacher's own start noise (the 1-step map), half at other grid steps

@@ -238,13 +238,13 @@ def main(argv=None):
         rows.append(result)
         if rt.is_main:
             print(f"{name:14s} step {result['step_ms']:8.2f} ms   loop {result['loop_ms']:9.1f} ms", flush=True)
+        if rt.is_main:  # after every configuration: a run cut off by a time limit keeps what it measured
+            write_results(args, rt, rows, quiet=name != configs[-1])
         runtime.barrier()
-    if rt.is_main:
-        write_results(args, rt, rows)
     runtime.shutdown()
 
 
-def write_results(args, rt, rows):
+def write_results(args, rt, rows, quiet=False):
     base = next((r for r in rows if r["config"] == "baseline"), None)
     nocomm = next((r for r in rows if r["config"] == "patch-nocomm"), None)
     for r in rows:
@@ -283,7 +283,8 @@ def write_results(args, rt, rows):
               "collectives."]
     with open(os.path.join(args.out, "patch-bench.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    if not quiet:
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":

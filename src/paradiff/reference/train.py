@@ -13,11 +13,17 @@ in `training.json` (and `TRAINING.md`) next to the weights.
 The shipped weights took 1004 s of stage time (their training.json): vae 1.5 min, unet 7 min with min-SNR weighting
 (the old default: positions stayed random), unet --resume 1.4 min (uniform loss, high noise oversampled: 66%),
 decoder 1.3 min (clean reconstructions passing the checker 67% -> 97%), unet --resume 4 min (94% at CFG 3), then
-fast 1.7 min (89/95/94% at 1/2/4 steps). A from-scratch run inside 15 minutes would be `--stage all --vae-minutes
-1.5 --decoder-minutes 1.25 --unet-minutes 9 --fast-minutes 1.25 --cache 200000` (13 min + ~1 min of caches and
-evals); it has not been run end to end (a 4.5-min from-scratch unet stage reached 56% at CFG 3, but on the old
-decoder, whose clean reconstructions pass the checker only 67% of the time). `--stage unet --resume` into a DIR
-without a model continues from the shipped weights, e.g. (one GPU, then re-distil the few-step model):
+fast 1.7 min (89/95/94% at 1/2/4 steps). The from-scratch recipe, verified on one H100 in 874 s of stage time
+(14.6 min; 92.2% at CFG 3, fast 88/88/89% at 1/2/4 steps; benchmarks/results/reference-models.md):
+
+    python -m paradiff.reference.train --out R --stage vae --vae-minutes 1.5
+    python -m paradiff.reference.train --out R --stage unet --unet-minutes 5.5 --cache 200000 --high-noise-frac 0.3 --no-eval
+    python -m paradiff.reference.train --out R --stage decoder --decoder-minutes 1.25
+    python -m paradiff.reference.train --out R --stage unet --resume --unet-minutes 3.75 --cache 200000 --lr 3e-4
+    python -m paradiff.reference.train --out R --stage fast --teacher-samples 6144 --fast-minutes 1.25
+
+`--stage unet --resume` into a DIR without a model continues from the shipped weights, e.g. (one GPU, then
+re-distil the few-step model):
 
     python -m paradiff.reference.train --stage unet --resume --out .ref --unet-minutes 4 --cache 200000 --lr 3e-4
     python -m paradiff.reference.train --stage fast --out .ref --teacher-samples 6144 --fast-minutes 1.25

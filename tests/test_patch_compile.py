@@ -40,7 +40,7 @@ def test_compiled_equals_eager(overlap):
 
 
 def _generated_order():
-    """Inductor code of a stale exchange around some compute, compiled with the patch step's options."""
+    """Inductor code of a step with two stale exchanges, each followed by compute, compiled like the patch step."""
     import torch.distributed as dist
     from torch._inductor.utils import run_and_get_code
 
@@ -48,23 +48,32 @@ def _generated_order():
     from paradiff.methods.patch import compile_kwargs
 
     ex = StaleExchange(dist.group.WORLD, overlap=True)  # the NCCL path: one collective per payload
-    slot = ex.slot()
-    slot.recv = torch.zeros(4, 8)
+    slots = [ex.slot(), ex.slot()]
+    slots[0].recv, slots[1].recv = torch.zeros(4, 8), torch.zeros(16, 8)
     ex.sync = False
 
     def step(x):
-        stale = ex.exchange(slot, x * 2)
+        stale0 = ex.exchange(slots[0], x * 2)
         y = torch.mm(x.t(), x).relu()
-        out = y.sum() + stale.sum()
+        stale1 = ex.exchange(slots[1], y * 3)
+        z = torch.mm(y, y.t()).relu()
+        out = z.sum() + stale0.sum() + stale1.sum()
         ex.finish()
         return out
 
     _, codes = run_and_get_code(torch.compile(step, fullgraph=True, **compile_kwargs(True)), torch.ones(2, 8))
-    lines = [line.strip() for line in codes[0].splitlines()]
-    return [next(i for i, line in enumerate(lines) if marker in line and not line.startswith("#"))
-            for marker in ("all_gather_into_tensor.default(", "extern_kernels.mm(", "wait_tensor.default(")]
+    lines = [line.strip() for line in codes[0].splitlines() if not line.strip().startswith("#")]
+
+    def where(marker):
+        return [i for i, line in enumerate(lines) if marker in line]
+
+    return {"gathers": where("all_gather_into_tensor.default("), "computes": where("extern_kernels.mm("),
+            "waits": where("wait_tensor.default(")}
 
 
 def test_inductor_overlaps_the_stale_exchange():
-    gather, compute, wait = run_ranks(_generated_order, 2)[0]
-    assert gather < compute < wait, "the all-gather must be waited on after the compute it overlaps"
+    order = run_ranks(_generated_order, 2)[0]
+    (gather0, gather1), (mm0, mm1), waits = order["gathers"], order["computes"], order["waits"]
+    assert len(waits) == 2, order
+    # each all-gather is issued before the compute that follows it in the step, and waited only after all compute
+    assert gather0 < mm0 < gather1 < mm1 < min(waits), order

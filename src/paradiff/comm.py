@@ -3,9 +3,17 @@
 Each wrapped layer owns a `Slot`: a static receive buffer holding what every rank sent for that layer (all-gathered
 along dim 0). In a *sync* step `exchange` all-gathers the fresh payload and returns it (exact). In a *stale* step it
 returns the slot's buffer (last step's data), and issues the all-gather of this step's payload asynchronously;
-`finish()` at the end of the step copies the results into the buffers. So communication overlaps the rest of the step
-and is waited on only once. Functional collectives are used throughout: in eager mode they run asynchronously, and
-torch.compile traces them (the copy into the static buffer is an in-place update, which CUDA graphs capture as well).
+`finish()` at the end of the step waits for them and copies the results into the buffers. So communication overlaps
+the rest of the step. Functional collectives are used throughout: torch.compile traces them, and the copy into the
+static buffer is an in-place update, which CUDA graphs capture as well.
+
+Where the wait lands decides the overlap. Traced through `funcol`, every collective is followed by its wait at once,
+and inductor's `sink_waits` pass then serialises them all at the end of the step (it keeps collectives in order, so
+each next all-gather is issued only after the previous wait: no overlap at all; seen on the generated code). So a
+stale all-gather is issued with the raw op `_c10d_functional.all_gather_into_tensor` and waited with `wait_tensor`
+in `finish()`: traced, the graph holds the waits where the code puts them, and the compiled step keeps that order
+(`paradiff.methods.patch.compile_kwargs`: no comm reordering, no peak-memory reordering, which would sink the
+issues too).
 
 On gloo (CPU) the stale payloads are instead sent together in `finish()`, one all-gather per dtype: many gloo
 all-gathers in flight at once corrupt the heap (seen as "malloc(): unaligned tcache chunk detected" and a rank dying
@@ -34,6 +42,15 @@ class Slot:
         self.recv: torch.Tensor | None = None
 
 
+def _start_all_gather(x: torch.Tensor, group_name: str, world: int) -> torch.Tensor:
+    """Issue an all-gather along dim 0 and return its (not yet valid) result; `_wait_started` makes it valid."""
+    return torch.ops._c10d_functional.all_gather_into_tensor(x, world, group_name)
+
+
+def _wait_started(x: torch.Tensor) -> torch.Tensor:
+    return torch.ops._c10d_functional.wait_tensor(x)
+
+
 def _wait(x: torch.Tensor) -> torch.Tensor:
     return x.wait() if isinstance(x, funcol.AsyncCollectiveTensor) else x
 
@@ -53,6 +70,7 @@ class StaleExchange:
         # overlap: one asynchronous all-gather per stale payload, in flight while the step computes (NCCL);
         # otherwise the stale payloads wait and go in one batched all-gather per dtype in `finish()` (gloo).
         self.overlap = dist.get_backend(group) != "gloo" if overlap is None else overlap
+        self.group_name = group.group_name
         self.sync = True
         self.slots: list[Slot] = []
         self._pending: list[tuple[Slot, torch.Tensor]] = []
@@ -84,7 +102,8 @@ class StaleExchange:
             return gathered
         stale = slot.recv
         payload = payload.contiguous()
-        self._pending.append((slot, _all_gather(payload, 0, self.group) if self.overlap else payload))
+        self._pending.append((slot, _start_all_gather(payload, self.group_name, self.world) if self.overlap
+                              else payload))
         return stale
 
     def finish(self) -> None:
@@ -92,7 +111,7 @@ class StaleExchange:
         if not self.overlap:
             self._gather_batched()
         for slot, gathered in self._pending:
-            slot.recv.copy_(gathered)
+            slot.recv.copy_(_wait_started(gathered) if self.overlap else gathered)
         self._pending.clear()
 
     def _gather_batched(self) -> None:

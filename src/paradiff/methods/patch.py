@@ -87,17 +87,19 @@ def apply_to_unet(unet: torch.nn.Module, group: Any, config: PatchParallel, vae_
     return hook
 
 
-# Inductor waits for a collective right after issuing it unless told to sink the wait to the first use; for a
-# stale exchange the first use is the copy into the static buffer at the end of the step, so this is what lets
-# the whole step's communication overlap its compute (checked on the generated code in tests/test_patch_compile.py).
-OVERLAP_OPTIONS = {"reorder_for_compute_comm_overlap": True, "reorder_for_compute_comm_overlap_passes": ["sink_waits"]}
+# The stale exchange issues each all-gather where its payload is computed and waits for all of them in `finish()`
+# (paradiff.comm). Inductor must keep that order: its comm-overlap passes keep collectives in order and sink waits,
+# which serialises every all-gather at the end of the step, and its peak-memory reordering sinks the all-gathers to
+# just before their waits. Both would leave the step's communication exposed (checked on the generated code in
+# tests/test_patch_compile.py).
+ORDER_OPTIONS = {"reorder_for_compute_comm_overlap": False, "reorder_for_peak_memory": False}
 
 
 def compile_kwargs(compile: bool | dict) -> dict:
-    """torch.compile arguments for the step: static shapes, and (inductor) waits sunk to their first use."""
+    """torch.compile arguments for the step: static shapes, and (inductor) the exchange's order kept."""
     kwargs = {"dynamic": False, **(compile if isinstance(compile, dict) else {})}
     if kwargs.get("backend", "inductor") == "inductor" and "mode" not in kwargs:
-        kwargs["options"] = {**OVERLAP_OPTIONS, **kwargs.get("options", {})}
+        kwargs["options"] = {**ORDER_OPTIONS, **kwargs.get("options", {})}
     return kwargs
 
 

@@ -5,7 +5,6 @@
 #   bash benchmarks/gpu_session.sh SECTION        # on a 2 x H200 machine, from the repository root
 #
 # SECTION: patch1024 | patch2048 | async-sdxl | async-sd21 | smoke (tiny models, ~1 min: run it first)
-#          | first (SDXL 1024 patch/CFG, then the async smoke: one 10-minute call, at most 8 files back)
 # Logs and results go to $OUT (the device tool's output folder), or ./gpu-out when $OUT is unset; copy the
 # results into benchmarks/results/ afterwards. diffusers is not on the device image: carry the wheels made by
 # ../shared/tools/device-wheels.sh in .whl/ (this script installs them into .site/).
@@ -17,6 +16,9 @@ if [ -d .whl ] && ! python3 -c "import diffusers" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl
 fi
 export PYTHONUNBUFFERED=1
+# Ranks compile their steps side by side; one that finishes first waits in its first collective for the other, so
+# the 45 s default collective timeout (paradiff.runtime) is too short for compiling SDXL.
+export PARADIFF_TIMEOUT=${PARADIFF_TIMEOUT:-900}
 export PYTHONPATH=$PWD/.site:$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"; } \
@@ -27,16 +29,12 @@ run() {  # run NAME COMMAND...: a time limit per step (LIMIT s, default 560) so 
   timeout "${LIMIT:-560}" "$@" 2>&1 | tee "$out/$name.log" || echo "== $name exited with ${PIPESTATUS[0]}" | tee -a "$out/commands.txt"
 }
 case $section in
-  first)
-    LIMIT=460 run patch-sdxl1024 torchrun --nproc-per-node 2 benchmarks/patch_bench.py --configs baseline,patch,cfg,patch-nocomm \
-      --out "$out/patch-sdxl1024-h200x2"
-    LIMIT=80 run async-tiny torchrun --nproc-per-node 2 benchmarks/async_bench.py --tiny --out /tmp/async-tiny ;;
   smoke)
     run patch-tiny torchrun --nproc-per-node 2 benchmarks/patch_bench.py --tiny --steps 8 --out "$out/patch-tiny"
     run async-tiny torchrun --nproc-per-node 2 benchmarks/async_bench.py --tiny --out "$out/async-tiny" ;;
-  patch1024)
-    run patch-sdxl1024 torchrun --nproc-per-node 2 benchmarks/patch_bench.py --configs baseline,patch,patch-nocomm,cfg \
-      --out "$out/patch-sdxl1024-h200x2" ;;
+  patch1024)  # cheapest first: every configuration's figures are written as soon as it ends
+    run patch-sdxl1024 torchrun --nproc-per-node 2 benchmarks/patch_bench.py \
+      --configs baseline,patch-graph,patch,cfg,patch-nocomm --out "$out/patch-sdxl1024-h200x2" ;;
   patch2048)
     run patch-sdxl2048 torchrun --nproc-per-node 2 benchmarks/patch_bench.py --size 2048 --steps 30 \
       --configs baseline,patch --out "$out/patch-sdxl2048-h200x2" ;;

@@ -6,7 +6,8 @@
 
 Configurations (each a fresh random-weight UNet, CFG batch 2, fp16 on GPU):
   baseline      one GPU, torch.compile(mode="reduce-overhead") (every rank runs it alone; rank 0's figure is used)
-  patch         PatchParallel over all ranks, compiled, stale steps replayed from a CUDA graph
+  patch         PatchParallel over all ranks, stale steps compiled and replayed from a CUDA graph
+  patch-graph   PatchParallel, stale steps eager but replayed from a CUDA graph (no compile time)
   patch-nocomm  the same step with every collective replaced by a local copy of the same size: the difference to
                 `patch` is the communication the overlap did not hide ("exposed comm")
   patch-eager   PatchParallel without compile / CUDA graph
@@ -40,8 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=50, help="denoising steps per loop")
     p.add_argument("--warmup-steps", type=int, default=4, help="synchronous steps of PatchParallel")
     p.add_argument("--configs", default=None,
-                   help="comma list (default: baseline,patch,patch-nocomm,cfg on 2 ranks; "
-                        "baseline,patch,patch-nocomm,cfg+patch on 4)")
+                   help="comma list (default: baseline,patch,patch-nocomm,patch-graph,patch-eager and cfg on 2 "
+                        "ranks, cfg+patch on 4)")
     p.add_argument("--repeat", type=int, default=2, help="timed loops per configuration (after one untimed)")
     p.add_argument("--tiny", action="store_true", help="tiny random UNet in fp32 (CPU/gloo smoke run)")
     p.add_argument("--compile-backend", default=None,
@@ -108,18 +109,25 @@ class Timer:
         return [(b - a) * 1e3 for a, b in zip(marks, marks[1:])]
 
 
-def run_loop(step, kwargs, steps, timer, reset=None):
-    """A denoising-like loop; returns per-step milliseconds."""
+def run_loop(step, kwargs, steps, timer, reset=None, progress=None):
+    """A denoising-like loop; returns per-step milliseconds. `progress`: a label to print each step's time under
+    (synchronising after every step; for the untimed first loop, where compile and capture show up)."""
     if reset is not None:
         reset()
     x = kwargs["sample"].clone()
     timesteps = torch.linspace(999.0, 0.0, steps, device=x.device)
     with torch.no_grad():
         timer.mark()
+        start = time.perf_counter()
         for i in range(steps):
             out = step(**{**kwargs, "sample": x, "timestep": timesteps[i]}, return_dict=False)[0]
             x = x - 0.02 * out.to(x.dtype)
             timer.mark()
+            if progress:
+                if x.is_cuda:
+                    torch.cuda.synchronize()
+                print(f"  {progress} step {i + 1}/{steps}: {(time.perf_counter() - start) * 1e3:.0f} ms since the "
+                      f"loop began ({datetime.datetime.now():%H:%M:%S})", flush=True)
     return timer.steps_ms()
 
 
@@ -127,14 +135,13 @@ def fake_collectives(on: bool):
     """Replace (on) or restore every paradiff all-gather by a local tensor of the gathered size (exposed comm)."""
     import paradiff.comm as comm
 
-    def local_gather(x, dim, group):
-        return torch.cat([x] * dist.get_world_size(group), dim=dim)
-
     if on:
-        fake_collectives.real = comm._all_gather
-        comm._all_gather = local_gather
+        fake_collectives.real = comm._all_gather, comm._start_all_gather, comm._wait_started
+        comm._all_gather = lambda x, dim, group: torch.cat([x] * dist.get_world_size(group), dim=dim)
+        comm._start_all_gather = lambda x, group_name, world: torch.cat([x] * world)
+        comm._wait_started = lambda x: x
     else:
-        comm._all_gather = fake_collectives.real
+        comm._all_gather, comm._start_all_gather, comm._wait_started = fake_collectives.real
 
 
 def bench_config(name, args, rt, device, dtype):
@@ -151,6 +158,7 @@ def bench_config(name, args, rt, device, dtype):
     kwargs = make_inputs(unet, args, device, dtype)
     reset, hook = None, None
     stale_from = 0
+    progress = f"{name} (rank 0, first loop)" if rt.is_main else None
     if name == "baseline":
         if backend == "inductor":
             step = torch.compile(unet, mode="reduce-overhead")
@@ -168,12 +176,11 @@ def bench_config(name, args, rt, device, dtype):
         if "cfg" in dims:
             apply_cfg(unet, mesh.get_group("cfg"))
         if "patch" in dims:
-            eager = name == "patch-eager"
-            # nocomm only needs stale steps: one warm-up step (not compiled) saves compiling a synchronous graph
-            warmup = 1 if name == "patch-nocomm" else args.warmup_steps
+            eager = name in ("patch-eager", "patch-graph")
             hook = apply_to_unet(unet, mesh.get_group("patch"), PatchParallel(
-                warmup_steps=warmup, compile=False if eager else compile_opts, cuda_graph=on_gpu and not eager))
-            reset, stale_from, step = hook.reset, warmup, unet
+                warmup_steps=args.warmup_steps, compile=False if eager else compile_opts,
+                cuda_graph=on_gpu and name != "patch-eager"))
+            reset, stale_from, step = hook.reset, args.warmup_steps, unet
         else:  # CFG alone: compile the hooked UNet, replay from a CUDA graph like the patch step
             step = torch.compile(unet, backend=backend) if backend else unet
             if on_gpu:
@@ -189,7 +196,7 @@ def bench_config(name, args, rt, device, dtype):
                     runner = runner or GraphRunner(compiled)
                     return runner(**kw)
     timer = Timer(device)
-    run_loop(step, kwargs, args.steps, timer, reset)  # compile, capture, warm caches
+    run_loop(step, kwargs, args.steps, timer, reset, progress)  # compile, capture, warm caches
     loops = [run_loop(step, kwargs, args.steps, timer, reset) for _ in range(args.repeat)]
     if name == "patch-nocomm":
         fake_collectives(False)
@@ -207,8 +214,8 @@ def default_configs(world):
     if world == 1:
         return ["baseline"]
     if world == 2:
-        return ["baseline", "patch", "patch-nocomm", "patch-eager", "cfg"]
-    return ["baseline", "patch", "patch-nocomm", "patch-eager", "cfg+patch"]
+        return ["baseline", "patch", "patch-nocomm", "patch-graph", "patch-eager", "cfg"]
+    return ["baseline", "patch", "patch-nocomm", "patch-graph", "patch-eager", "cfg+patch"]
 
 
 def main(argv=None):

@@ -12,7 +12,9 @@ from test_patch_support import run_ranks, tiny_unet, unet_inputs
 pytestmark = pytest.mark.slow
 
 
-def _check_compiled(backend, overlap):
+def _check_compiled(backend, overlap, warmup=1, compile_warmup=False):
+    from torch._dynamo.utils import counters
+
     from paradiff import runtime
     from paradiff.methods.patch import PatchParallel, apply_to_unet
     from test_patch_parallel import _loop
@@ -20,22 +22,31 @@ def _check_compiled(backend, overlap):
     group = runtime.mesh({"patch": runtime.get().world_size}).get_group("patch")
     base, kwargs = tiny_unet("sd"), unet_inputs("sd")
     eager_unet = copy.deepcopy(base)
-    eager_hook = apply_to_unet(eager_unet, group, PatchParallel(warmup_steps=1))
+    eager_hook = apply_to_unet(eager_unet, group, PatchParallel(warmup_steps=warmup))
     compiled_unet = copy.deepcopy(base)
-    compiled_hook = apply_to_unet(compiled_unet, group,
-                                  PatchParallel(warmup_steps=1, compile={"backend": backend, "fullgraph": True}))
+    compiled_hook = apply_to_unet(compiled_unet, group, PatchParallel(
+        warmup_steps=warmup, compile={"backend": backend, "fullgraph": True}, compile_warmup=compile_warmup))
     eager_hook.exchange.overlap = compiled_hook.exchange.overlap = overlap
-    # step 1 fills the buffers eagerly; steps 2-3 are stale steps of one compiled graph (async collectives traced)
-    eager = _loop(eager_unet, kwargs, eager_hook, steps=3)
+    # step 1 fills the buffers eagerly; the other warm-up steps are synchronous, the last two stale (async
+    # collectives traced)
+    eager = _loop(eager_unet, kwargs, eager_hook, steps=warmup + 2)
     torch._dynamo.reset()
-    compiled = _loop(compiled_unet, kwargs, compiled_hook, steps=3)
-    return {"diff": (compiled - eager).abs().max().item(), "compiled": compiled_hook._compiled is not None}
+    counters.clear()
+    compiled = _loop(compiled_unet, kwargs, compiled_hook, steps=warmup + 2)
+    return {"diff": (compiled - eager).abs().max().item(), "graphs": counters["stats"]["unique_graphs"]}
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["batched", "overlapped"])
 def test_compiled_equals_eager(overlap):
     for out in run_ranks(_check_compiled, 2, "aot_eager", overlap):
-        assert out["compiled"]
+        assert out["graphs"] == 1, out  # the stale step
+        assert out["diff"] < 1e-5, out
+
+
+@pytest.mark.parametrize("compile_warmup", [False, True])
+def test_compile_warmup_compiles_the_synchronous_steps_too(compile_warmup):
+    for out in run_ranks(_check_compiled, 2, "aot_eager", True, 3, compile_warmup):
+        assert out["graphs"] == (2 if compile_warmup else 1), out
         assert out["diff"] < 1e-5, out
 
 

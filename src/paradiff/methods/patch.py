@@ -38,14 +38,17 @@ class PatchParallel(ParallelMethod):
     gn_mode: GroupNorm statistics in stale steps: auto (default: corrected when each patch has >= 16 latent
         rows, stale below, where the corrected estimate breaks down), corrected (paper), sync, stale, separate.
     mode: "displaced" (DistriFusion) or "naive" (patches never interact: the baseline that shows seams).
-    compile: torch.compile the step (True, or a dict of torch.compile keyword arguments); None: on CUDA only.
+    compile: torch.compile the stale steps (True, or a dict of torch.compile keyword arguments); None: on CUDA only.
+    compile_warmup: compile the synchronous warm-up steps too (a second compiled graph: twice the compile time,
+        for a few milliseconds on each of the first `warmup_steps` steps). Off by default.
     cuda_graph: replay stale steps from a CUDA graph after `graph_warmup` stale steps; None: on CUDA only.
     """
 
     mesh_dim = "patch"
 
     def __init__(self, warmup_steps: int = 4, gn_mode: str = "auto", mode: str = "displaced",
-                 compile: bool | dict | None = None, cuda_graph: bool | None = None, graph_warmup: int = 1):
+                 compile: bool | dict | None = None, cuda_graph: bool | None = None, graph_warmup: int = 1,
+                 compile_warmup: bool = False):
         if not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise UserError(f"warmup_steps must be a whole number >= 0, got {warmup_steps!r}.")
         if gn_mode not in GN_MODES:
@@ -58,6 +61,7 @@ class PatchParallel(ParallelMethod):
         self.gn_mode = gn_mode
         self.mode = mode
         self.compile = compile
+        self.compile_warmup = compile_warmup
         self.cuda_graph = cuda_graph
         self.graph_warmup = graph_warmup
         self.hook: PatchHook | None = None
@@ -69,7 +73,7 @@ class PatchParallel(ParallelMethod):
 
     def __repr__(self) -> str:
         return (f"PatchParallel(warmup_steps={self.warmup_steps}, gn_mode={self.gn_mode!r}, mode={self.mode!r}, "
-                f"compile={self.compile!r}, cuda_graph={self.cuda_graph})")
+                f"compile={self.compile!r}, compile_warmup={self.compile_warmup}, cuda_graph={self.cuda_graph})")
 
 
 def apply_to_unet(unet: torch.nn.Module, group: Any, config: PatchParallel, vae_scale_factor: int = 8) -> "PatchHook":
@@ -184,7 +188,7 @@ class PatchHook(ModelHook):
         self.step += 1
         fn = self._body
         compile = sample.is_cuda if self.config.compile is None else self.config.compile
-        if compile and not fresh:
+        if compile and not fresh and (not sync or self.config.compile_warmup):
             if self._compiled is None:
                 self._compiled = torch.compile(self._body, **compile_kwargs(compile))
             fn = self._compiled

@@ -5,11 +5,12 @@
 #   bash benchmarks/gpu_session.sh SECTION        # on a 2 x H200 machine, from the repository root
 #
 # SECTION: patch1024 | patch2048 | async-sdxl | async-sd21 | smoke (tiny models, ~1 min: run it first)
+#          | emulate1024 (one GPU: patch_bench --emulate-ranks 2)
 # Logs and results go to $OUT (the device tool's output folder), or ./gpu-out when $OUT is unset; copy the
 # results into benchmarks/results/ afterwards. diffusers is not on the device image: carry the wheels made by
 # ../shared/tools/device-wheels.sh in .whl/ (this script installs them into .site/).
 set -euo pipefail
-section=${1:?usage: gpu_session.sh patch1024|patch2048|async-sdxl|async-sd21|smoke}
+section=${1:?usage: gpu_session.sh patch1024|patch2048|async-sdxl|async-sd21|smoke|emulate1024}
 out=${OUT:-gpu-out}
 mkdir -p "$out"
 if [ -d .whl ] && ! python3 -c "import diffusers" 2>/dev/null; then
@@ -35,6 +36,9 @@ case $section in
   patch1024)  # cheapest first: every configuration's figures are written as soon as it ends
     run patch-sdxl1024 torchrun --nproc-per-node 2 benchmarks/patch_bench.py \
       --configs baseline,patch-graph,patch,cfg,patch-nocomm --out "$out/patch-sdxl1024-h200x2" ;;
+  emulate1024)  # one GPU: rank 0 of 2 with local copies for collectives (compute bound, compile time, capture)
+    run patch-sdxl1024-emulated python3 benchmarks/patch_bench.py --emulate-ranks 2 \
+      --configs baseline,patch-graph,patch,cfg --out "$out/patch-sdxl1024-emulated2" ;;
   patch2048)
     run patch-sdxl2048 torchrun --nproc-per-node 2 benchmarks/patch_bench.py --size 2048 --steps 30 \
       --configs baseline,patch --out "$out/patch-sdxl2048-h200x2" ;;

@@ -13,6 +13,9 @@ Configurations (each a fresh random-weight UNet, CFG batch 2, fp16 on GPU):
   patch-eager   PatchParallel without compile / CUDA graph
   cfg           CFGParallel (2 ranks), compiled, replayed from a CUDA graph
   cfg+patch     CFGParallel x PatchParallel (4 ranks: 2 x 2), compiled + CUDA graph
+`--emulate-ranks N` (one process, one device): rank 0 of N over a fake process group, every collective replaced by
+a local copy of its size, as in patch-nocomm. It measures one rank's compute (an upper bound on the N-GPU speedup,
+with no communication at all), the compile time and the CUDA-graph capture of the parallel step on a single GPU.
 Per configuration: median stale-step latency (CUDA events), the whole `--steps` loop (warm-up steps included),
 and the peak memory of every rank. Writes `patch-bench.json` and `patch-bench.md` to --out.
 """
@@ -47,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true", help="tiny random UNet in fp32 (CPU/gloo smoke run)")
     p.add_argument("--compile-backend", default=None,
                    help="torch.compile backend (default: inductor on GPU; none on CPU unless given)")
+    p.add_argument("--emulate-ranks", type=int, default=0,
+                   help="one process as rank 0 of N, collectives replaced by local copies (see above)")
     p.add_argument("--out", required=True, help="output directory for patch-bench.json / .md")
     return p.parse_args(argv)
 
@@ -167,12 +172,12 @@ def bench_config(name, args, rt, device, dtype):
         else:
             step = unet
     else:
-        if name == "patch-nocomm":
+        if name == "patch-nocomm" or args.emulate_ranks:
             fake_collectives(True)
         dims = {"cfg": 2, "patch": rt.world_size // 2} if name.startswith("cfg") else {"patch": rt.world_size}
         if name == "cfg":
             dims = {"cfg": 2}
-        mesh = runtime.mesh(dims)
+        mesh = make_mesh(dims, args, device)
         if "cfg" in dims:
             apply_cfg(unet, mesh.get_group("cfg"))
         if "patch" in dims:
@@ -198,7 +203,7 @@ def bench_config(name, args, rt, device, dtype):
     timer = Timer(device)
     run_loop(step, kwargs, args.steps, timer, reset, progress)  # compile, capture, warm caches
     loops = [run_loop(step, kwargs, args.steps, timer, reset) for _ in range(args.repeat)]
-    if name == "patch-nocomm":
+    if name == "patch-nocomm" or (args.emulate_ranks and name != "baseline"):
         fake_collectives(False)
     steady = [t for loop in loops for t in loop[max(stale_from, 1):]]
     graph = getattr(hook, "_graph", None)
@@ -208,6 +213,30 @@ def bench_config(name, args, rt, device, dtype):
               "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if on_gpu else None}
     del unet, step
     return result
+
+
+def make_mesh(dims, args, device):
+    if not args.emulate_ranks:
+        return runtime.mesh(dims)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, tuple(dims.values()), mesh_dim_names=tuple(dims.keys()))
+
+
+def init_runtime(args):
+    """The real runtime, or (--emulate-ranks N) rank 0 of N over a fake process group in this one process."""
+    if not args.emulate_ranks:
+        return runtime.init()
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if args.emulate_ranks < 2:
+        raise SystemExit("--emulate-ranks needs N >= 2.")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=args.emulate_ranks)
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return runtime.Runtime(rank=0, world_size=args.emulate_ranks, local_rank=0, local_world_size=1, device=device,
+                           backend="fake (emulated, collectives are local copies)")
 
 
 def default_configs(world):
@@ -222,7 +251,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.steps <= args.warmup_steps + 1:
         raise SystemExit(f"--steps {args.steps} leaves no stale steps to time after --warmup-steps {args.warmup_steps}.")
-    rt = runtime.init()
+    rt = init_runtime(args)
     device = rt.device
     if device.type == "cpu":
         torch.set_num_threads(1)
@@ -238,8 +267,8 @@ def main(argv=None):
                 print(f"skip {name}: needs {'2' if name == 'cfg' else '4'} ranks", flush=True)
             continue
         result = bench_config(name, args, rt, device, dtype)
-        peaks = [result["peak_mem_gib"]] * rt.world_size
-        if rt.distributed:
+        peaks = [result["peak_mem_gib"]] * (1 if args.emulate_ranks else rt.world_size)
+        if rt.distributed and not args.emulate_ranks:
             dist.all_gather_object(peaks, result["peak_mem_gib"])
         result["peak_mem_gib_per_rank"] = peaks
         rows.append(result)
@@ -276,7 +305,8 @@ def write_results(args, rt, rows, quiet=False):
         return "-" if v is None else format(v, spec)
 
     lines = [f"# Patch / CFG parallel step latency: {setup['arch']} {args.size}px, batch 2 (CFG), {setup['dtype']}",
-             "", f"{env['device']} x {rt.world_size}, torch {env['torch']}, diffusers {env['diffusers']}, {env['date']}",
+             "", f"{env['device']} x {rt.world_size} ({env['backend']}), torch {env['torch']}, diffusers "
+             f"{env['diffusers']}, {env['date']}",
              f"`{env['command']}`", "",
              "| config | stale step ms | speedup | loop of %d steps ms | speedup | exposed comm ms | peak GiB per rank |"
              % args.steps, "|---|---|---|---|---|---|---|"]

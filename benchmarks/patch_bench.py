@@ -206,9 +206,9 @@ def bench_config(name, args, rt, device, dtype):
     if name == "patch-nocomm" or (args.emulate_ranks and name != "baseline"):
         fake_collectives(False)
     steady = [t for loop in loops for t in loop[max(stale_from, 1):]]
-    graph = getattr(hook, "_graph", None)
+    graphs = getattr(hook, "_graphs", {})
     result = {"config": name, "step_ms": statistics.median(steady),
-              "cuda_graph_replays": getattr(graph, "replays", 0) if graph is not None else 0,
+              "cuda_graph_replays": {("sync" if sync else "stale"): runner.replays for sync, runner in graphs.items()},
               "loop_ms": statistics.median(sum(loop) for loop in loops),
               "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if on_gpu else None}
     del unet, step

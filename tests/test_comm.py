@@ -18,13 +18,13 @@ def _payloads(rank: int, step: int):
             torch.full((1, 5), float(rank - step), dtype=torch.float64)]
 
 
-def _exchange_steps(overlap):
+def _exchange_steps(overlap, bucket_mb=16.0):
     import torch
     import torch.distributed as dist
 
     from paradiff.comm import StaleExchange
 
-    ex = StaleExchange(dist.group.WORLD, overlap=overlap)
+    ex = StaleExchange(dist.group.WORLD, overlap=overlap, bucket_mb=bucket_mb)
     rank, world = ex.rank, ex.world
     slots = [ex.slot() for _ in range(3)]
     ex.sync = True
@@ -32,6 +32,7 @@ def _exchange_steps(overlap):
     ex.finish()
     ex.sync = False
     stale = [ex.exchange(slot, p).clone() for slot, p in zip(slots, _payloads(rank, 1))]
+    in_flight = len(ex._sent)
     ex.finish()
     landed = [slot.recv.clone() for slot in slots]
 
@@ -43,7 +44,8 @@ def _exchange_steps(overlap):
         "sync_ok": all(torch.equal(a, b) for a, b in zip(first, expected(0))),
         "stale_ok": all(torch.equal(a, b) for a, b in zip(stale, expected(0))),
         "landed_ok": all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(landed, expected(1))),
-        "pending": len(ex._pending),
+        "pending": ex.pending,
+        "in_flight": in_flight,
     }
 
 
@@ -55,3 +57,11 @@ def test_stale_exchange(overlap):
         assert out["stale_ok"], "a stale step must return the previous step's payloads"
         assert out["landed_ok"], "finish() must land this step's payloads (dtype kept) in the buffers"
         assert out["pending"] == 0
+        assert out["in_flight"] == 0, "small payloads wait for finish() in one bucket"
+
+
+def test_stale_exchange_sends_full_buckets_during_the_step():
+    # bucket_mb=0: every payload is a full bucket and is sent at once; dtypes and shapes still land intact
+    for out in run_ranks(_exchange_steps, 2, True, 0.0):
+        assert out["in_flight"] == 3, out
+        assert out["stale_ok"] and out["landed_ok"] and out["pending"] == 0, out

@@ -58,7 +58,7 @@ def _generated_order():
     from paradiff.comm import StaleExchange
     from paradiff.methods.patch import compile_kwargs
 
-    ex = StaleExchange(dist.group.WORLD, overlap=True)  # the NCCL path: one collective per payload
+    ex = StaleExchange(dist.group.WORLD, overlap=True, bucket_mb=0)  # the NCCL path, a bucket per payload
     slots = [ex.slot(), ex.slot()]
     slots[0].recv, slots[1].recv = torch.zeros(4, 8), torch.zeros(16, 8)
     ex.sync = False

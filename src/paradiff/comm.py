@@ -15,8 +15,8 @@ in `finish()`: traced, the graph holds the waits where the code puts them, and t
 (`paradiff.methods.patch.compile_kwargs`: no comm reordering, no peak-memory reordering, which would sink the
 issues too).
 
-On gloo (CPU) the stale payloads are instead sent together in `finish()`, one all-gather per dtype: many gloo
-all-gathers in flight at once corrupt the heap (seen as "malloc(): unaligned tcache chunk detected" and a rank dying
+On gloo (CPU) the stale payloads are instead sent together in `finish()`, one all-gather per dtype, waited in turn:
+many gloo all-gathers in flight at once corrupt the heap (seen as "malloc(): unaligned tcache chunk detected" and a rank dying
 mid-run with torch 2.13), and on a CPU communication cannot hide behind compute anyway.
 """
 
@@ -61,19 +61,26 @@ def all_gather(x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
 
 
 class StaleExchange:
-    """Activation exchange over one process group; `sync` selects the phase of the current step."""
+    """Activation exchange over one process group; `sync` selects the phase of the current step.
 
-    def __init__(self, group: Any, overlap: bool | None = None):
+    Stale payloads are sent in buckets: concatenated per dtype until `bucket_mb` is reached, then all-gathered as
+    one collective (overlap) or all at `finish()` (no overlap). Per-layer collectives would be ~230 per SDXL step,
+    most of them latency; buckets cut that to a few dozen without losing the overlap.
+    """
+
+    def __init__(self, group: Any, overlap: bool | None = None, bucket_mb: float = 16.0):
         self.group = group
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        # overlap: one asynchronous all-gather per stale payload, in flight while the step computes (NCCL);
-        # otherwise the stale payloads wait and go in one batched all-gather per dtype in `finish()` (gloo).
+        # overlap: buckets are all-gathered asynchronously as they fill, while the step computes (NCCL);
+        # otherwise every stale payload waits for `finish()`, one collective per dtype, waited in turn (gloo).
         self.overlap = dist.get_backend(group) != "gloo" if overlap is None else overlap
+        self.bucket_bytes = bucket_mb * 2**20
         self.group_name = group.group_name
         self.sync = True
         self.slots: list[Slot] = []
-        self._pending: list[tuple[Slot, torch.Tensor]] = []
+        self._open: dict[torch.dtype, list[tuple[Slot, torch.Tensor]]] = {}  # payloads of unsent buckets
+        self._sent: list[tuple[list[tuple[Slot, torch.Size]], torch.Tensor]] = []  # buckets in flight
 
     def slot(self) -> Slot:
         slot = Slot()
@@ -85,11 +92,21 @@ class StaleExchange:
         """True when every slot holds data from a previous step (a stale step may run)."""
         return all(slot.recv is not None for slot in self.slots)
 
+    @property
+    def pending(self) -> int:
+        """Stale payloads not yet landed in their buffers."""
+        return sum(len(b) for b in self._open.values()) + sum(len(entries) for entries, _ in self._sent)
+
+    def discard(self) -> None:
+        """Drop this step's stale payloads (a step abandoned half-way, e.g. by a failed CUDA-graph capture)."""
+        self._open.clear()
+        self._sent.clear()
+
     def reset(self) -> None:
         """Forget all buffers (new shapes): the next step must be synchronous."""
         for slot in self.slots:
             slot.recv = None
-        self._pending.clear()
+        self.discard()
 
     def exchange(self, slot: Slot, payload: torch.Tensor, sync: bool | None = None) -> torch.Tensor:
         """All ranks' payloads concatenated on dim 0: this step's (sync) or the previous step's (stale)."""
@@ -100,30 +117,30 @@ class StaleExchange:
             else:
                 slot.recv.copy_(gathered)
             return gathered
-        stale = slot.recv
-        payload = payload.contiguous()
-        self._pending.append((slot, _start_all_gather(payload, self.group_name, self.world) if self.overlap
-                              else payload))
-        return stale
+        bucket = self._open.setdefault(payload.dtype, [])
+        bucket.append((slot, payload))
+        if self.overlap and sum(p.numel() for _, p in bucket) * payload.element_size() >= self.bucket_bytes:
+            self._send(payload.dtype)
+        return slot.recv
+
+    def _send(self, dtype: torch.dtype) -> None:
+        """All-gather one bucket (a flat concatenation of its payloads) without waiting."""
+        bucket = self._open.pop(dtype)
+        flat = torch.cat([p.reshape(-1) for _, p in bucket])
+        self._sent.append(([(slot, p.shape) for slot, p in bucket], _start_all_gather(flat, self.group_name, self.world)))
 
     def finish(self) -> None:
-        """Land this step's stale-phase exchanges in the static buffers (waits for them)."""
-        if not self.overlap:
-            self._gather_batched()
-        for slot, gathered in self._pending:
-            slot.recv.copy_(_wait_started(gathered) if self.overlap else gathered)
-        self._pending.clear()
+        """Send what is left and land this step's stale payloads in the static buffers (waits for them)."""
+        for dtype in list(self._open):
+            self._send(dtype)
+            if not self.overlap:  # gloo: one collective in flight at a time
+                self._land()
+        self._land()
 
-    def _gather_batched(self) -> None:
-        """Replace each pending payload by its all-gathered value, with one collective per dtype."""
-        by_dtype: dict[torch.dtype, list[int]] = {}
-        for i, (_, payload) in enumerate(self._pending):
-            by_dtype.setdefault(payload.dtype, []).append(i)
-        for indices in by_dtype.values():
-            payloads = [self._pending[i][1] for i in indices]
-            sizes = [p.numel() for p in payloads]
-            flat = torch.cat([p.reshape(-1) for p in payloads])
-            gathered = all_gather(flat, 0, self.group).view(self.world, -1).split(sizes, dim=1)
-            for i, payload, part in zip(indices, payloads, gathered):
-                slot = self._pending[i][0]
-                self._pending[i] = (slot, part.reshape(self.world * payload.shape[0], *payload.shape[1:]))
+    def _land(self) -> None:
+        for entries, gathered in self._sent:
+            sizes = [shape.numel() for _, shape in entries]
+            parts = _wait_started(gathered).view(self.world, -1).split(sizes, dim=1)
+            for (slot, shape), part in zip(entries, parts):
+                slot.recv.copy_(part.reshape(self.world * shape[0], *shape[1:]))
+        self._sent.clear()

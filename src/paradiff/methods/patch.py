@@ -39,16 +39,19 @@ class PatchParallel(ParallelMethod):
         rows, stale below, where the corrected estimate breaks down), corrected (paper), sync, stale, separate.
     mode: "displaced" (DistriFusion) or "naive" (patches never interact: the baseline that shows seams).
     compile: torch.compile the stale steps (True, or a dict of torch.compile keyword arguments); None: on CUDA only.
+    bucket_mb: stale activations are all-gathered in buckets of about this many MiB (fewer, larger collectives,
+        still overlapping the step; 0: one collective per layer).
     compile_warmup: compile the synchronous warm-up steps too (a second compiled graph: twice the compile time,
         for a few milliseconds on each of the first `warmup_steps` steps). Off by default.
-    cuda_graph: replay stale steps from a CUDA graph after `graph_warmup` stale steps; None: on CUDA only.
+    cuda_graph: replay steps from CUDA graphs (one for warm-up steps, one for stale steps), each captured after
+        `graph_warmup` steps of its phase; None: on CUDA only.
     """
 
     mesh_dim = "patch"
 
     def __init__(self, warmup_steps: int = 4, gn_mode: str = "auto", mode: str = "displaced",
                  compile: bool | dict | None = None, cuda_graph: bool | None = None, graph_warmup: int = 1,
-                 compile_warmup: bool = False):
+                 compile_warmup: bool = False, bucket_mb: float = 16.0):
         if not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise UserError(f"warmup_steps must be a whole number >= 0, got {warmup_steps!r}.")
         if gn_mode not in GN_MODES:
@@ -62,6 +65,9 @@ class PatchParallel(ParallelMethod):
         self.mode = mode
         self.compile = compile
         self.compile_warmup = compile_warmup
+        if not bucket_mb >= 0:
+            raise UserError(f"bucket_mb must be >= 0 (0 sends every layer's activations on its own), got {bucket_mb!r}.")
+        self.bucket_mb = bucket_mb
         self.cuda_graph = cuda_graph
         self.graph_warmup = graph_warmup
         self.hook: PatchHook | None = None
@@ -114,7 +120,7 @@ class PatchHook(ModelHook):
         super().__init__()
         self.group = group
         self.config = config
-        self.exchange = StaleExchange(group)
+        self.exchange = StaleExchange(group, bucket_mb=config.bucket_mb)
         self.world, self.rank = self.exchange.world, self.exchange.rank
         self.factor = unet2d.downsampling_factor(unet)
         self.vae_scale_factor = vae_scale_factor
@@ -125,8 +131,8 @@ class PatchHook(ModelHook):
         self.step = 0
         self._key: tuple | None = None
         self._compiled = None
-        self._graph = None
-        self._stale_seen = 0
+        self._graphs: dict[bool, Any] = {}  # CUDA-graph runners by phase (sync: True, stale: False)
+        self._seen = {True: 0, False: 0}  # steps run per phase since the buffers were made
         self._graph_failed = False
         self._pipe = None
         self._scheduler = None
@@ -177,7 +183,7 @@ class PatchHook(ModelHook):
         fresh = key != self._key
         if fresh:  # new shapes: new buffers, and the first step must be synchronous to fill them
             self.exchange.reset()
-            self._key, self._graph, self._stale_seen = key, None, 0
+            self._key, self._graphs, self._seen = key, {}, {True: 0, False: 0}
             if self.config.gn_mode == "auto":
                 self.gn_mode = auto_gn_mode(sample.shape[-2] // self.world)
                 for norm in self.norms:
@@ -193,22 +199,30 @@ class PatchHook(ModelHook):
                 self._compiled = torch.compile(self._body, **compile_kwargs(compile))
             fn = self._compiled
         graph = sample.is_cuda if self.config.cuda_graph is None else self.config.cuda_graph
-        if graph and not sync and sample.is_cuda and not self._graph_failed:
-            self._stale_seen += 1
-            if self._graph is not None or self._stale_seen > self.config.graph_warmup:
-                if self._graph is None:
-                    from paradiff.cudagraph import GraphRunner
-
-                    self._graph = GraphRunner(fn)
-                try:
-                    return self._graph(*args, **kwargs)
-                except RuntimeError as err:  # capture failed (the same way on every rank): carry on without graphs
-                    if self._graph.graph is not None:
-                        raise
-                    warnings.warn(f"patch parallel: CUDA graph capture failed, running without it ({err}).")
-                    self._graph, self._graph_failed = None, True
-                    self.exchange._pending.clear()
+        if graph and not fresh and sample.is_cuda and not self._graph_failed:
+            return self._replay(sync, fn, args, kwargs)
         return fn(*args, **kwargs)
+
+    def _replay(self, sync: bool, fn: Any, args: tuple, kwargs: dict) -> Any:
+        """Run the step from this phase's CUDA graph (one for synchronous, one for stale steps), captured once the
+        phase has run `graph_warmup` times (so compilation and allocator warm-up happen outside the capture)."""
+        self._seen[sync] += 1
+        runner = self._graphs.get(sync)
+        if runner is None:
+            if self._seen[sync] <= self.config.graph_warmup:
+                return fn(*args, **kwargs)
+            from paradiff.cudagraph import GraphRunner
+
+            runner = self._graphs[sync] = GraphRunner(fn)
+        try:
+            return runner(*args, **kwargs)
+        except RuntimeError as err:  # capture failed (the same way on every rank): carry on without graphs
+            if runner.graph is not None:
+                raise
+            warnings.warn(f"patch parallel: CUDA graph capture failed, running without it ({err}).")
+            self._graphs, self._graph_failed = {}, True
+            self.exchange.discard()
+            return fn(*args, **kwargs)
 
     def _body(self, *args: Any, **kwargs: Any) -> Any:
         """This rank's rows through the (hooked) UNet, then the output rows of all ranks."""

@@ -88,3 +88,54 @@ def test_inductor_overlaps_the_stale_exchange():
     assert len(waits) == 2, order
     # each all-gather is issued before the compute that follows it in the step, and waited only after all compute
     assert gather0 < mm0 < gather1 < mm1 < min(waits), order
+
+
+def _phase_graphs(graph_warmup, fail):
+    """PatchHook._replay with a stand-in for the CUDA-graph runner (no GPU here): per-phase runners and fallback."""
+    import warnings
+
+    import torch.distributed as dist
+
+    import paradiff.cudagraph as cudagraph
+    from paradiff.methods.patch import PatchParallel, apply_to_unet
+
+    class Runner:
+        made = []
+
+        def __init__(self, fn):
+            self.fn, self.graph, self.calls = fn, None, 0
+            Runner.made.append(self)
+
+        def __call__(self, *args):
+            self.calls += 1
+            if fail:
+                raise RuntimeError("operation not permitted when stream is capturing")
+            self.graph = "captured"
+            return self.fn(*args)
+
+    cudagraph.GraphRunner = Runner
+    hook = apply_to_unet(tiny_unet("sd"), dist.group.WORLD, PatchParallel(graph_warmup=graph_warmup))
+    calls = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = [hook._replay(sync, lambda phase: calls.append(phase) or phase, (sync,), {})
+                   for sync in [True] * 3 + [False] * 4]
+    return {"results": results, "fn_calls": len(calls), "runners": [(r.fn is not None, r.calls) for r in Runner.made],
+            "failed": hook._graph_failed, "graphs": len(hook._graphs),
+            "warned": any("capture failed" in str(w.message) for w in caught)}
+
+
+@pytest.mark.parametrize("graph_warmup", [1, 2])
+def test_warmup_and_stale_steps_get_a_cuda_graph_each(graph_warmup):
+    out = run_ranks(_phase_graphs, 2, graph_warmup, False)[0]
+    assert out["results"] == [True] * 3 + [False] * 4
+    # each phase runs `graph_warmup` times directly, then from its own runner (one per phase, kept)
+    assert out["runners"] == [(True, 3 - graph_warmup), (True, 4 - graph_warmup)], out
+    assert out["graphs"] == 2 and not out["failed"] and not out["warned"]
+
+
+def test_a_failed_capture_warns_and_runs_on_without_graphs():
+    out = run_ranks(_phase_graphs, 2, 1, True)[0]
+    assert out["results"] == [True] * 3 + [False] * 4  # every step still returns its result
+    assert out["warned"] and out["failed"] and out["graphs"] == 0
+    assert out["runners"] == [(True, 1)], "after a failed capture no runner is made again"

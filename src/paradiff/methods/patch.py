@@ -199,7 +199,7 @@ class PatchHook(ModelHook):
                 self._compiled = torch.compile(self._body, **compile_kwargs(compile))
             fn = self._compiled
         graph = sample.is_cuda if self.config.cuda_graph is None else self.config.cuda_graph
-        if graph and not fresh and sample.is_cuda and not self._graph_failed:
+        if graph and not fresh and sample.is_cuda:
             return self._replay(sync, fn, args, kwargs)
         return fn(*args, **kwargs)
 
@@ -209,7 +209,7 @@ class PatchHook(ModelHook):
         self._seen[sync] += 1
         runner = self._graphs.get(sync)
         if runner is None:
-            if self._seen[sync] <= self.config.graph_warmup:
+            if self._graph_failed or self._seen[sync] <= self.config.graph_warmup:
                 return fn(*args, **kwargs)
             from paradiff.cudagraph import GraphRunner
 

@@ -5,12 +5,12 @@
 #   bash benchmarks/gpu_session.sh SECTION        # on a 2 x H200 machine, from the repository root
 #
 # SECTION: patch1024 | patch2048 | async-sdxl | async-sd21 | smoke (tiny models, ~1 min: run it first)
-#          | emulate1024 (one GPU: patch_bench --emulate-ranks 2)
+#          | emulate1024 | emulate2048 | profile1024 (one GPU: patch_bench --emulate-ranks 2, patch_profile.py)
 # Logs and results go to $OUT (the device tool's output folder), or ./gpu-out when $OUT is unset; copy the
 # results into benchmarks/results/ afterwards. diffusers is not on the device image: carry the wheels made by
 # ../shared/tools/device-wheels.sh in .whl/ (this script installs them into .site/).
 set -euo pipefail
-section=${1:?usage: gpu_session.sh patch1024|patch2048|async-sdxl|async-sd21|smoke|emulate1024}
+section=${1:?usage: gpu_session.sh patch1024|patch2048|async-sdxl|async-sd21|smoke|emulate1024|emulate2048|profile1024}
 out=${OUT:-gpu-out}
 mkdir -p "$out"
 if [ -d .whl ] && ! python3 -c "import diffusers" 2>/dev/null; then
@@ -33,12 +33,17 @@ case $section in
   smoke)
     run patch-tiny torchrun --nproc-per-node 2 benchmarks/patch_bench.py --tiny --steps 8 --out "$out/patch-tiny"
     run async-tiny torchrun --nproc-per-node 2 benchmarks/async_bench.py --tiny --out "$out/async-tiny" ;;
-  patch1024)  # cheapest first: every configuration's figures are written as soon as it ends
+  patch1024)  # every configuration's figures are written as soon as it ends; patch and nocomm give exposed comm
     run patch-sdxl1024 torchrun --nproc-per-node 2 benchmarks/patch_bench.py \
-      --configs baseline,patch-graph,patch,cfg,patch-nocomm --out "$out/patch-sdxl1024-h200x2" ;;
+      --configs baseline,patch,patch-nocomm,patch-graph,cfg --out "$out/patch-sdxl1024-h200x2" ;;
   emulate1024)  # one GPU: rank 0 of 2 with local copies for collectives (compute bound, compile time, capture)
     run patch-sdxl1024-emulated python3 benchmarks/patch_bench.py --emulate-ranks 2 \
       --configs baseline,patch-graph,patch,cfg --out "$out/patch-sdxl1024-emulated2" ;;
+  emulate2048)
+    run patch-sdxl2048-emulated python3 benchmarks/patch_bench.py --emulate-ranks 2 --size 2048 --steps 30 \
+      --configs baseline,patch --out "$out/patch-sdxl2048-emulated2" ;;
+  profile1024)  # one GPU: kernel time by kind, whole UNet vs one rank's rows vs the hooked step (~6 min)
+    run patch-profile-sdxl1024 python3 benchmarks/patch_profile.py --out "$out/patch-profile-sdxl1024" ;;
   patch2048)
     run patch-sdxl2048 torchrun --nproc-per-node 2 benchmarks/patch_bench.py --size 2048 --steps 30 \
       --configs baseline,patch --out "$out/patch-sdxl2048-h200x2" ;;

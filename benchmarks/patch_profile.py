@@ -97,7 +97,8 @@ def profile_variant(name, args, rt, device, dtype) -> dict:
         ms = us / 1e3 / args.steps
         kind = kind_of(event.key)
         by_kind[kind] = by_kind.get(kind, 0.0) + ms
-        kernels.append({"name": event.key[:120], "kind": kind, "ms_per_step": ms, "calls_per_step": event.count / args.steps})
+        kernels.append({"name": event.key[:120], "kind": kind, "ms_per_step": ms,
+                        "calls_per_step": event.count / args.steps})
     kernels.sort(key=lambda k: -k["ms_per_step"])
     return {"variant": name, "step_ms": step_ms, "kernel_ms_per_step": sum(by_kind.values()), "by_kind": by_kind,
             "kernel_calls_per_step": sum(k["calls_per_step"] for k in kernels), "top": kernels[:15]}
@@ -130,7 +131,8 @@ def main(argv=None):
     full, part, patch = rows
 
     def line(label, get):
-        lines.append(f"| {label} | {get(full):.2f} | {get(full) / args.ranks:.2f} | {get(part):.2f} | {get(patch):.2f} |")
+        lines.append(f"| {label} | {get(full):.2f} | {get(full) / args.ranks:.2f} | {get(part):.2f} | "
+                     f"{get(patch):.2f} |")
 
     line("step (wall, no profiler)", lambda r: r["step_ms"])
     line("kernels, all", lambda r: r["kernel_ms_per_step"])
@@ -139,7 +141,8 @@ def main(argv=None):
     line("kernel launches", lambda r: r["kernel_calls_per_step"])
     lines += ["", "Top kernels of the patch step:", "", "| kernel | kind | ms per step | calls per step |",
               "|---|---|---|---|"]
-    lines += [f"| `{k['name']}` | {k['kind']} | {k['ms_per_step']:.3f} | {k['calls_per_step']:.0f} |" for k in patch["top"]]
+    lines += [f"| `{k['name']}` | {k['kind']} | {k['ms_per_step']:.3f} | {k['calls_per_step']:.0f} |"
+              for k in patch["top"]]
     with open(os.path.join(args.out, "patch-profile.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

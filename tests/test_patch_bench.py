@@ -42,7 +42,8 @@ def test_patch_bench_tiny(tmp_path, emulate):
 
 
 def test_patch_profile_tiny(tmp_path):
-    _run("benchmarks/patch_profile.py", "--tiny", "--steps", "2", "--compile-backend", "aot_eager", "--out", str(tmp_path))
+    _run("benchmarks/patch_profile.py", "--tiny", "--steps", "2", "--compile-backend", "aot_eager",
+         "--out", str(tmp_path))
     result = json.loads((tmp_path / "patch-profile.json").read_text())
     variants = {v["variant"]: v for v in result["variants"]}
     assert set(variants) == {"full", "rows", "patch"}

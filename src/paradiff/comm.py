@@ -16,8 +16,8 @@ in `finish()`: traced, the graph holds the waits where the code puts them, and t
 issues too).
 
 On gloo (CPU) the stale payloads are instead sent together in `finish()`, one all-gather per dtype, waited in turn:
-many gloo all-gathers in flight at once corrupt the heap (seen as "malloc(): unaligned tcache chunk detected" and a rank dying
-mid-run with torch 2.13), and on a CPU communication cannot hide behind compute anyway.
+many gloo all-gathers in flight at once corrupt the heap (seen as "malloc(): unaligned tcache chunk detected" and a
+rank dying mid-run with torch 2.13), and on a CPU communication cannot hide behind compute anyway.
 """
 
 from __future__ import annotations
@@ -127,7 +127,8 @@ class StaleExchange:
         """All-gather one bucket (a flat concatenation of its payloads) without waiting."""
         bucket = self._open.pop(dtype)
         flat = torch.cat([p.reshape(-1) for _, p in bucket])
-        self._sent.append(([(slot, p.shape) for slot, p in bucket], _start_all_gather(flat, self.group_name, self.world)))
+        gathered = _start_all_gather(flat, self.group_name, self.world)
+        self._sent.append(([(slot, p.shape) for slot, p in bucket], gathered))
 
     def finish(self) -> None:
         """Send what is left and land this step's stale payloads in the static buffers (waits for them)."""

@@ -66,7 +66,7 @@ class PatchParallel(ParallelMethod):
         self.compile = compile
         self.compile_warmup = compile_warmup
         if not bucket_mb >= 0:
-            raise UserError(f"bucket_mb must be >= 0 (0 sends every layer's activations on its own), got {bucket_mb!r}.")
+            raise UserError(f"bucket_mb must be >= 0 (0 sends each layer's activations alone), got {bucket_mb!r}.")
         self.bucket_mb = bucket_mb
         self.cuda_graph = cuda_graph
         self.graph_warmup = graph_warmup

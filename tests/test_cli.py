@@ -16,6 +16,8 @@ from cli_utils import run_cli
         (["generate", "x", "--model", "someone/not-cached-model"], "cannot be reached"),
         (["generate", "x", "--nproc", "2"], "needs a parallel --method"),
         (["generate", "x", "--warmup-steps", "2"], "needs a parallel --method"),
+        (["generate", "x", "--compile"], "needs a parallel --method"),
+        (["generate", "x", "--method", "cfg", "--compile"], "applies to the patch and async methods"),
         (["bench", "--arch", "someone/unknown-arch"], "not a shipped architecture"),
     ],
 )
@@ -89,3 +91,17 @@ def test_nproc_larger_than_the_visible_gpus(monkeypatch):
     args.nproc = 2
     args.method = "patch"
     check_before_launch(args)  # fits
+
+
+def test_compile_is_asked_for_not_assumed():
+    """Patch and async steps compile only with --compile (minutes of compiling for one image is not a default)."""
+    from paradiff.cli import build_parser
+    from paradiff.commands.common import methods_from_args
+
+    parser = build_parser()
+    (patch,) = methods_from_args(parser.parse_args(["generate", "x", "--method", "patch"]))
+    assert patch.compile is False and patch.cuda_graph is None  # CUDA graphs stay on by default on a GPU
+    (patch,) = methods_from_args(parser.parse_args(["generate", "x", "--method", "patch", "--compile"]))
+    assert patch.compile is True
+    cfg, denoise = methods_from_args(parser.parse_args(["generate", "x", "--method", "cfg+async", "--compile"]))
+    assert denoise.compile is True

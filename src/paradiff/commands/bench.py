@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
             runtime.barrier()
             parallelize(pipe, *methods)
             pipe.set_progress_bar_config(disable=True)
-            label = f"{args.method} x{rt.world_size}"
+            label = f"{args.method} x{rt.world_size}{' compiled' if args.compile else ''}"
             skip = getattr(methods[-1], "warmup_steps", 0) or 0
             rows += bench.bench_pipeline(pipe, variant=label, skip_steps=min(skip, args.steps - 1), **common)
     if rt.is_main:

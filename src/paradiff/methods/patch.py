@@ -7,7 +7,7 @@ see the whole image: exactly in the first `warmup_steps` steps, then from the pr
 other patches, exchanged asynchronously while the step computes (`paradiff.comm`). `mode="naive"` is the baseline
 with no interaction between patches (zero padding at the seams, local attention and statistics).
 
-Steady-state steps can be compiled (`compile=True`) and replayed from a CUDA graph (`cuda_graph=True`).
+Steps are replayed from CUDA graphs on CUDA (`cuda_graph`), and stale steps can be compiled (`compile=True`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,9 @@ class PatchParallel(ParallelMethod):
     gn_mode: GroupNorm statistics in stale steps: auto (default: corrected when each patch has >= 16 latent
         rows, stale below, where the corrected estimate breaks down), corrected (paper), sync, stale, separate.
     mode: "displaced" (DistriFusion) or "naive" (patches never interact: the baseline that shows seams).
-    compile: torch.compile the stale steps (True, or a dict of torch.compile keyword arguments); None: on CUDA only.
+    compile: torch.compile the stale steps (True, or a dict of torch.compile keyword arguments). Off by default: it
+        costs ~3 minutes per rank before the first SDXL image, then ~25 instead of ~34 ms per step (2 x H200, 1024 px;
+        benchmarks/results/patch-h200). Worth it for many images, not for one.
     bucket_mb: stale activations are all-gathered in buckets of about this many MiB (fewer, larger collectives,
         still overlapping the step; 0: one collective per layer).
     compile_warmup: compile the synchronous warm-up steps too (a second compiled graph: twice the compile time,
@@ -50,7 +52,7 @@ class PatchParallel(ParallelMethod):
     mesh_dim = "patch"
 
     def __init__(self, warmup_steps: int = 4, gn_mode: str = "auto", mode: str = "displaced",
-                 compile: bool | dict | None = None, cuda_graph: bool | None = None, graph_warmup: int = 1,
+                 compile: bool | dict = False, cuda_graph: bool | None = None, graph_warmup: int = 1,
                  compile_warmup: bool = False, bucket_mb: float = 16.0):
         if not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise UserError(f"warmup_steps must be a whole number >= 0, got {warmup_steps!r}.")
@@ -193,7 +195,7 @@ class PatchHook(ModelHook):
         self.exchange.sync = sync
         self.step += 1
         fn = self._body
-        compile = sample.is_cuda if self.config.compile is None else self.config.compile
+        compile = self.config.compile
         if compile and not fresh and (not sync or self.config.compile_warmup):
             if self._compiled is None:
                 self._compiled = torch.compile(self._body, **compile_kwargs(compile))

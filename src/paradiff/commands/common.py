@@ -104,6 +104,7 @@ def load_for_command(args: argparse.Namespace, model: str | None):
 def methods_from_args(args: argparse.Namespace) -> list:
     """The parallel method objects the flags ask for, outermost first (cfg before patch/async)."""
     name = getattr(args, "method", "none")
+    compile = getattr(args, "compile", None)
     if name == "none":
         for flag in ("warmup_steps", "gn_mode", "stride", "time_shift", "compile"):
             if getattr(args, flag, None) is not None:
@@ -118,14 +119,14 @@ def methods_from_args(args: argparse.Namespace) -> list:
         elif part == "patch":
             from paradiff.methods.patch import PatchParallel
 
-            kwargs = {"warmup_steps": args.warmup_steps, "gn_mode": args.gn_mode, "compile": args.compile}
+            kwargs = {"warmup_steps": args.warmup_steps, "gn_mode": args.gn_mode, "compile": compile}
             methods.append(PatchParallel(**{k: v for k, v in kwargs.items() if v is not None}))
         elif part == "async":
             from paradiff.methods.asyncdenoise import AsyncDenoise
 
             kwargs = {"warmup_steps": args.warmup_steps, "stride": args.stride, "time_shift": args.time_shift,
-                      "compile": args.compile}
+                      "compile": compile}
             methods.append(AsyncDenoise(**{k: v for k, v in kwargs.items() if v is not None}))
-    if getattr(args, "compile", None) and not any(part in ("patch", "async") for part in name.split("+")):
+    if compile and not any(part in ("patch", "async") for part in name.split("+")):
         raise UserError(f"--compile applies to the patch and async methods, not to --method {name}.")
     return methods

@@ -108,6 +108,10 @@ def test_bad_configuration_errors():
         PatchParallel(mode="overlap")
     with pytest.raises(UserError, match="warmup_steps"):
         PatchParallel(warmup_steps=-1)
+    for bad in (-1, "16", float("nan")):
+        with pytest.raises(UserError, match="bucket_mb"):
+            PatchParallel(bucket_mb=bad)
+    assert PatchParallel(bucket_mb=0).bucket_mb == 0 and PatchParallel().compile is False
     sd3 = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
                                 num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
                                 pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16)

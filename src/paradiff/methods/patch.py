@@ -67,7 +67,7 @@ class PatchParallel(ParallelMethod):
         self.mode = mode
         self.compile = compile
         self.compile_warmup = compile_warmup
-        if not bucket_mb >= 0:
+        if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float)) or not bucket_mb >= 0:
             raise UserError(f"bucket_mb must be >= 0 (0 sends each layer's activations alone), got {bucket_mb!r}.")
         self.bucket_mb = bucket_mb
         self.cuda_graph = cuda_graph

@@ -35,7 +35,7 @@ case $section in
     run async-tiny torchrun --nproc-per-node 2 benchmarks/async_bench.py --tiny --out "$out/async-tiny" ;;
   patch1024)  # every configuration's figures are written as soon as it ends; patch and nocomm give exposed comm
     run patch-sdxl1024 torchrun --nproc-per-node 2 benchmarks/patch_bench.py \
-      --configs baseline,patch,patch-nocomm,patch-graph,cfg --out "$out/patch-sdxl1024-h200x2" ;;
+      --configs baseline,patch,patch-nocomm,patch-graph --out "$out/patch-sdxl1024-h200x2" ;;
   emulate1024)  # one GPU: rank 0 of 2 with local copies for collectives (compute bound, compile time, capture)
     run patch-sdxl1024-emulated python3 benchmarks/patch_bench.py --emulate-ranks 2 \
       --configs baseline,patch-graph,patch,cfg --out "$out/patch-sdxl1024-emulated2" ;;

@@ -163,6 +163,7 @@ def bench_config(name, args, rt, device, dtype):
     kwargs = make_inputs(unet, args, device, dtype)
     reset, hook = None, None
     stale_from = 0
+    fake = name != "baseline" and (name == "patch-nocomm" or bool(args.emulate_ranks))
     progress = f"{name} (rank 0, first loop)" if rt.is_main else None
     if name == "baseline":
         if backend == "inductor":
@@ -172,7 +173,7 @@ def bench_config(name, args, rt, device, dtype):
         else:
             step = unet
     else:
-        if name == "patch-nocomm" or args.emulate_ranks:
+        if fake:
             fake_collectives(True)
         dims = {"cfg": 2, "patch": rt.world_size // 2} if name.startswith("cfg") else {"patch": rt.world_size}
         if name == "cfg":
@@ -203,7 +204,7 @@ def bench_config(name, args, rt, device, dtype):
     timer = Timer(device)
     run_loop(step, kwargs, args.steps, timer, reset, progress)  # compile, capture, warm caches
     loops = [run_loop(step, kwargs, args.steps, timer, reset) for _ in range(args.repeat)]
-    if name == "patch-nocomm" or (args.emulate_ranks and name != "baseline"):
+    if fake:
         fake_collectives(False)
     steady = [t for loop in loops for t in loop[max(stale_from, 1):]]
     graphs = getattr(hook, "_graphs", {})
@@ -239,6 +240,19 @@ def init_runtime(args):
                            backend="fake (emulated, collectives are local copies)")
 
 
+def setup(args):
+    """Runtime, device and dtype of a benchmark run (fp16 on GPU; fp32 and one thread on the CPU or --tiny)."""
+    rt = init_runtime(args)
+    device = rt.device
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    dtype = torch.float32 if args.tiny or device.type == "cpu" else torch.float16
+    if args.tiny:
+        args.size = min(args.size, 256)
+    torch._dynamo.config.recompile_limit = 64  # every configuration is a new UNet: new guards, new graphs
+    return rt, device, dtype
+
+
 def default_configs(world):
     if world == 1:
         return ["baseline"]
@@ -251,14 +265,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.steps <= args.warmup_steps + 1:
         raise SystemExit(f"--steps {args.steps} leaves no stale steps to time after --warmup-steps {args.warmup_steps}.")
-    rt = init_runtime(args)
-    device = rt.device
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    dtype = torch.float32 if args.tiny or device.type == "cpu" else torch.float16
-    if args.tiny:
-        args.size = min(args.size, 256)
-    torch._dynamo.config.recompile_limit = 64  # every configuration is a new UNet: new guards, new graphs
+    rt, device, dtype = setup(args)
     configs = args.configs.split(",") if args.configs else default_configs(rt.world_size)
     rows = []
     for name in configs:

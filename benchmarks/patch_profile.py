@@ -107,14 +107,7 @@ def profile_variant(name, args, rt, device, dtype) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     args.emulate_ranks = args.ranks
-    rt = patch_bench.init_runtime(args)
-    device = rt.device
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    dtype = torch.float32 if args.tiny or device.type == "cpu" else torch.float16
-    if args.tiny:
-        args.size = min(args.size, 256)
-    torch._dynamo.config.recompile_limit = 64
+    rt, device, dtype = patch_bench.setup(args)
     patch_bench.fake_collectives(True)
     rows = [profile_variant(name, args, rt, device, dtype) for name in ("full", "rows", "patch")]
     patch_bench.fake_collectives(False)

@@ -80,6 +80,7 @@ class StaleExchange:
         self.sync = True
         self.slots: list[Slot] = []
         self._open: dict[torch.dtype, list[tuple[Slot, torch.Tensor]]] = {}  # payloads of unsent buckets
+        self._open_bytes: dict[torch.dtype, int] = {}  # their size, kept as they come (no re-summing per payload)
         self._sent: list[tuple[list[tuple[Slot, torch.Size]], torch.Tensor]] = []  # buckets in flight
 
     def slot(self) -> Slot:
@@ -100,6 +101,7 @@ class StaleExchange:
     def discard(self) -> None:
         """Drop this step's stale payloads (a step abandoned half-way, e.g. by a failed CUDA-graph capture)."""
         self._open.clear()
+        self._open_bytes.clear()
         self._sent.clear()
 
     def reset(self) -> None:
@@ -117,15 +119,17 @@ class StaleExchange:
             else:
                 slot.recv.copy_(gathered)
             return gathered
-        bucket = self._open.setdefault(payload.dtype, [])
-        bucket.append((slot, payload))
-        if self.overlap and sum(p.numel() for _, p in bucket) * payload.element_size() >= self.bucket_bytes:
-            self._send(payload.dtype)
+        dtype = payload.dtype
+        self._open.setdefault(dtype, []).append((slot, payload))
+        self._open_bytes[dtype] = self._open_bytes.get(dtype, 0) + payload.numel() * payload.element_size()
+        if self.overlap and self._open_bytes[dtype] >= self.bucket_bytes:
+            self._send(dtype)
         return slot.recv
 
     def _send(self, dtype: torch.dtype) -> None:
         """All-gather one bucket (a flat concatenation of its payloads) without waiting."""
         bucket = self._open.pop(dtype)
+        del self._open_bytes[dtype]
         flat = torch.cat([p.reshape(-1) for _, p in bucket])
         gathered = _start_all_gather(flat, self.group_name, self.world)
         self._sent.append(([(slot, p.shape) for slot, p in bucket], gathered))

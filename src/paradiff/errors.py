@@ -6,3 +6,7 @@ class UserError(Exception):
 
     The message is a complete sentence that says what is wrong and, where possible, what would work.
     """
+
+
+class CollectiveError(UserError):
+    """A collective failed or timed out: ranks made different calls, or one died. The message names the cause."""

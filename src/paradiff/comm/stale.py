@@ -26,11 +26,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 
 
-# `all_gather_single` replaces the deprecated `all_gather_tensor` in recent PyTorch; same semantics.
-_all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+from paradiff.comm.collectives import _all_gather, _wait
 
 
 class Slot:
@@ -49,15 +47,6 @@ def _start_all_gather(x: torch.Tensor, group_name: str, world: int) -> torch.Ten
 
 def _wait_started(x: torch.Tensor) -> torch.Tensor:
     return torch.ops._c10d_functional.wait_tensor(x)
-
-
-def _wait(x: torch.Tensor) -> torch.Tensor:
-    return x.wait() if isinstance(x, funcol.AsyncCollectiveTensor) else x
-
-
-def all_gather(x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
-    """All-gather `x` along `dim` over `group`, waited (functional collective: traceable by torch.compile)."""
-    return _wait(_all_gather(x.contiguous(), dim, group))
 
 
 class StaleExchange:

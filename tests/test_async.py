@@ -180,22 +180,23 @@ def test_cut_inside_a_deep_transformer_stack():
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_compiled_equals_eager():
-    results = run_ranks(_async_vs_references, 2, "sd", [(2, False, 1, "aot_eager")])
+    results = run_ranks(_async_vs_references, 2, "sd", [(2, False, 1, {"backend": "aot_eager"})])
     _check(results)
 
 
 def _cfg_times_async():
-    from paradiff import runtime
-    from paradiff.methods.asyncdenoise import apply_to_module
-    from paradiff.methods.cfg import apply_to_module as apply_cfg
+    from paradiff import AsyncDenoise, CFGParallel, runtime
+    from paradiff.parallel import parallelize_module
 
     mesh = runtime.mesh({"cfg": 2, "async": 2})
     out = {}
     for warmup in (T, 2):
         model, sched, make, x0 = _case("sdxl")
         serial = _denoise(model, sched, make, x0)
-        apply_cfg(model, mesh.get_group("cfg"))
-        plan = apply_to_module(model, mesh.get_group("async"), lambda: sched, warmup_steps=warmup)
+        method = AsyncDenoise(warmup_steps=warmup)
+        parallelize_module(model, CFGParallel(), method, scheduler=lambda: sched,
+                           groups={"cfg": mesh.get_group("cfg"), "async": mesh.get_group("async")})
+        plan = method.split
         seen = []
         model.conv_in.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
         result = _denoise(model, sched, make, x0)

@@ -64,7 +64,8 @@ def test_cfg_parallel_exact_on_unets_and_sd3():
 
 def test_cfg_degree_and_errors():
     from paradiff.errors import UserError
-    from paradiff.methods.cfg import CFGParallel, denoiser_of
+    from paradiff.methods.cfg import CFGParallel
+    from paradiff.plans.common import denoiser_of
 
     assert CFGParallel().degree() == 2 and CFGParallel.mesh_dim == "cfg"
     with pytest.raises(UserError, match="no `unet` or `transformer`"):

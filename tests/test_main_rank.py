@@ -35,9 +35,12 @@ def _run(kind: str, main_rank_stages: bool):
     serial = copy.deepcopy(pipe)(**call, generator=torch.Generator().manual_seed(0)).images
     runs = {"text": 0, "decoder": 0}
     encoders = [m for m in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if m]
+    # counted where the computation runs (the encoder and decoder modules themselves are called on every rank:
+    # on ranks other than 0 a stand-in answers for them)
     for encoder in encoders:
-        encoder.register_forward_pre_hook(lambda *_: runs.__setitem__("text", runs["text"] + 1))
-    pipe.vae.decoder.register_forward_pre_hook(lambda *_: runs.__setitem__("decoder", runs["decoder"] + 1))
+        encoder.get_input_embeddings().register_forward_pre_hook(
+            lambda *_: runs.__setitem__("text", runs["text"] + 1))
+    pipe.vae.decoder.conv_in.register_forward_pre_hook(lambda *_: runs.__setitem__("decoder", runs["decoder"] + 1))
     parallelize(pipe, CFGParallel(), main_rank_stages=main_rank_stages)
     images = pipe(**call, generator=torch.Generator().manual_seed(0)).images
     # the embeddings can also be passed in: rank 0 passes them through, the others receive them

@@ -1,104 +1,84 @@
-"""Pipeline stages outside the denoiser that every rank would otherwise repeat identically run on the main rank only.
+"""Stages outside the denoiser that every rank would otherwise repeat identically run on the main rank only.
 
 Under any parallel method all ranks run the pipeline loop and hold the same prompt embeddings and the same final
-latent. So, when a pipeline is parallelized:
-- prompt encoding: rank 0 runs the text encoder(s) and broadcasts what `encode_prompt` returned; the other ranks
-  drop their text encoder weights (SDXL: 0.8 B parameters, SD3's T5: 4.7 B, per GPU saved);
-- VAE decode: only rank 0 decodes; the others return zeros of the decoded shape (placeholder images) and drop
-  their decoder weights. The VAE encoder (img2img) stays on every rank: the initial latents are computed locally.
+latent. So, when a pipeline is parallelized (hooks on the components, so pipelines made with `from_pipe` share
+them):
+- text encoders: rank 0 runs each encoder's forward and broadcasts its output; the other ranks free the weights
+  (SDXL: 0.8 B parameters, SD3's T5: 4.7 B, per GPU) and take the broadcast. An error on rank 0 is raised on every
+  rank instead of leaving the others waiting;
+- VAE decoder: only rank 0 decodes; the others free the decoder and get zeros of the decoded shape (blank images).
+  The VAE encoder (img2img) stays on every rank: the initial latents are computed locally.
+Every rank must make the same calls (as every parallel method requires anyway).
 `parallelize(..., main_rank_stages=False)` keeps every stage on every rank.
 """
 
 from __future__ import annotations
 
-import pickle
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from torch.utils import _pytree as pytree
+from diffusers.hooks import ModelHook
+
+from paradiff.comm import broadcast_tree
+from paradiff.execution.weights import free_weights
+from paradiff.plans.common import vae_scale_factor
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+HOOK_NAME = "paradiff.main_rank"
 
 
-def free_weights(module: torch.nn.Module) -> None:
-    """Replace the module's weights by empty tensors (same dtype and device): it must never run again."""
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+class SharedOutput(ModelHook):
+    """Rank 0 runs the module and broadcasts its output; the other ranks receive it."""
+
+    def __init__(self, main: bool, device: torch.device, what: str):
+        super().__init__()
+        self.main, self.device, self.what = main, device, what
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if not self.main:
+            return broadcast_tree(device=self.device, what=f"the {self.what} output")
+        try:
+            out = self.fn_ref.original_forward(*args, **kwargs)
+        except Exception as err:  # e.g. a bad input: the other ranks raise it too instead of waiting
+            broadcast_tree(error=err, what=f"the {self.what} output")
+            raise
+        return broadcast_tree(out, what=f"the {self.what} output")
 
 
-def _picklable(error: Exception | None) -> Exception | None:
-    """The error itself if it can be sent to the other ranks, else a RuntimeError with its message."""
-    if error is None:
-        return None
-    try:
-        pickle.dumps(error)
-        return error
-    except Exception:  # noqa: BLE001 - any pickling failure
-        return RuntimeError(f"{type(error).__name__}: {error}")
+class BlankDecoder(ModelHook):
+    """Stands in for the VAE decoder on ranks that do not decode: zeros of the decoded image's shape."""
+
+    def __init__(self, scale: int, channels: int):
+        super().__init__()
+        self.scale, self.channels = scale, channels
+
+    def new_forward(self, module: torch.nn.Module, z: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return z.new_zeros(z.shape[0], self.channels, z.shape[-2] * self.scale, z.shape[-1] * self.scale)
 
 
-def share_prompt_encoding(pipe: Any, group: Any = None, device: torch.device | None = None) -> None:
-    """Rank 0 of `group` runs `pipe.encode_prompt` and broadcasts its result; the other ranks' encoders are freed.
+class PassThrough(ModelHook):
+    """Stands in for a freed 1x1 layer whose output only feeds a stand-in (the VAE's post-quant conv)."""
 
-    Every rank must call the pipeline the same number of times (as every parallel method requires anyway).
-    """
-    if not hasattr(pipe, "encode_prompt"):
-        return
-    original = pipe.encode_prompt
-    main = dist.get_rank(group) == 0
-
-    def encode_prompt(*args: Any, **kwargs: Any) -> Any:
-        error = None
-        if main:
-            try:
-                leaves, spec = pytree.tree_flatten(original(*args, **kwargs))
-            except Exception as err:  # e.g. a bad prompt type: the other ranks raise it too instead of waiting
-                error, leaves, spec = err, [], pytree.tree_flatten(None)[1]
-            leaves = [x.contiguous() if isinstance(x, torch.Tensor) else x for x in leaves]
-            meta = [(tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else None for x in leaves]
-            header = [pytree.treespec_dumps(spec), meta, [None if m else x for m, x in zip(meta, leaves)],
-                      _picklable(error)]
-        else:
-            header = [None, None, None, None]
-        dist.broadcast_object_list(header, group=group, group_src=0)
-        spec_text, meta, constants, sent_error = header
-        if sent_error is not None:
-            raise error if main else sent_error
-        if not main:
-            target = device or torch.device("cpu")
-            leaves = [torch.empty(m[0], dtype=m[1], device=target) if m else c for m, c in zip(meta, constants)]
-        for x, m in zip(leaves, meta):
-            if m:
-                dist.broadcast(x, group=group, group_src=0)
-        return pytree.tree_unflatten(leaves, pytree.treespec_loads(spec_text))
-
-    pipe.encode_prompt = encode_prompt
-    if not main:
-        for name in TEXT_ENCODERS:
-            encoder = getattr(pipe, name, None)
-            if isinstance(encoder, torch.nn.Module):
-                free_weights(encoder)
+    def new_forward(self, module: torch.nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return x
 
 
-def decode_on_main_only(pipe: Any, main: bool) -> None:
-    """On ranks other than the main one, `vae.decode` returns zeros of the decoded shape and the decoder is freed."""
+def install(pipe: Any, target: Any) -> None:
+    """Put the text encoders and the VAE decoder of `pipe` on the main rank (hooks registered through `target`)."""
+    for name in TEXT_ENCODERS:
+        encoder = getattr(pipe, name, None)
+        if isinstance(encoder, torch.nn.Module):
+            if not target.is_main:
+                free_weights(encoder, f"pipe.{name}")
+            target.register(encoder, SharedOutput(target.is_main, target.device, name), HOOK_NAME)
     vae = getattr(pipe, "vae", None)
-    if main or vae is None:
+    decoder = getattr(vae, "decoder", None)
+    if target.is_main or not isinstance(decoder, torch.nn.Module):
         return
-    from diffusers.models.autoencoders.vae import DecoderOutput
-
-    scale = getattr(pipe, "vae_scale_factor", 8)
     channels = getattr(vae.config, "out_channels", 3)
-    if not isinstance(scale, int) or vae.decode.__func__ is not type(vae).decode:  # unusual VAE: leave it alone
-        return
-
-    def decode(z: torch.Tensor, return_dict: bool = True, *args: Any, **kwargs: Any) -> Any:
-        out = z.new_zeros(z.shape[0], channels, z.shape[-2] * scale, z.shape[-1] * scale)
-        return DecoderOutput(sample=out) if return_dict else (out,)
-
-    vae.decode = decode
-    for name in ("decoder", "post_quant_conv"):
-        part = getattr(vae, name, None)
-        if isinstance(part, torch.nn.Module):
-            free_weights(part)
+    free_weights(decoder, "pipe.vae.decoder")
+    target.register(decoder, BlankDecoder(vae_scale_factor(pipe), channels), HOOK_NAME)
+    post = getattr(vae, "post_quant_conv", None)
+    if isinstance(post, torch.nn.Module):
+        free_weights(post, "pipe.vae.post_quant_conv")
+        target.register(post, PassThrough(), HOOK_NAME)

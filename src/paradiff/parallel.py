@@ -1,22 +1,39 @@
-"""`parallelize(pipe, *methods)`: apply parallel methods (plans of module wrappers) to a stock diffusers pipeline.
+"""`parallelize(pipe, *methods)` and `unparallelize(pipe)`: plans of hooks applied to a stock diffusers pipeline.
 
 Each method spans one named dimension of a device mesh, in the order given (outermost first), e.g.
 `parallelize(pipe, CFGParallel(), PatchParallel())` on 4 ranks builds the mesh {"cfg": 2, "patch": 2}.
+
+Everything is installed on the pipeline's *components* (diffusers `ModelHook`s on the denoiser and its layers, on
+the text encoders and the VAE decoder), never on the pipeline object, so a pipeline made from it with
+`from_pipe` shares the parallel denoiser. Around every denoiser call an outermost hook ticks the step clock and,
+at the first call of each generation, checks what the methods cannot honour (a model changed after parallelize,
+FreeU under patch parallelism, ...) and that every rank starts from the same inputs.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
+
+import torch
+import torch.distributed as dist
+from diffusers.hooks import HookRegistry, ModelHook
+from torch.utils import _pytree as pytree
 
 from paradiff import main_rank, runtime
+from paradiff.comm import all_gather, guarded
 from paradiff.errors import UserError
+from paradiff.execution import StepClock, Tick
+from paradiff.plans.common import denoiser_of, timestep_of, vae_scale_factor
+
+GENERATION_HOOK = "paradiff.generation"
 
 
 class ParallelMethod:
     """Base class of a parallel method: a plan applied to an unchanged pipeline over one mesh dimension.
 
-    Subclasses set `mesh_dim` and implement `apply`; `degree` returns how many ranks the method spans (None: all
-    ranks the other methods leave).
+    Subclasses set `mesh_dim` and implement `apply(target)`; `degree` returns how many ranks the method spans (None:
+    all ranks the other methods leave); `check(target)` runs at the start of each generation and raises a UserError
+    for a pipeline state the method cannot compute exactly.
     """
 
     mesh_dim: ClassVar[str] = ""
@@ -24,9 +41,119 @@ class ParallelMethod:
     def degree(self) -> int | None:
         return None
 
-    def apply(self, pipe: Any, mesh: Any) -> None:
-        """Install wrappers/hooks on `pipe`; the mesh's `self.mesh_dim` group is this method's."""
+    def apply(self, target: "Parallelized") -> None:
         raise NotImplementedError
+
+    def check(self, target: "Parallelized") -> None:
+        """Called at the first denoiser call of every generation."""
+
+
+class Parallelized:
+    """What `parallelize` installed on one pipeline's components, so it can be checked each generation and undone.
+
+    Methods register their hooks through `register` (removed by `unparallelize`, last first) and read the
+    current step from `clock`.
+    """
+
+    def __init__(self, denoiser: torch.nn.Module, methods: tuple[ParallelMethod, ...], groups: dict[str, Any],
+                 device: torch.device, *, host: Any = None, is_main: bool = True, vae_scale_factor: int = 8,
+                 check_inputs: bool = True):
+        self.denoiser = denoiser
+        self.methods = methods
+        self.groups = groups
+        self.device = torch.device(device)
+        self.is_main = is_main
+        self.host = host
+        self.clock = StepClock(host, on_start=self._generation_starts)
+        self.vae_scale_factor = vae_scale_factor
+        self.check_inputs = check_inputs
+        self._hooks: list[tuple[torch.nn.Module, str]] = []
+        self._watched: list[tuple[str, torch.nn.Module]] = []
+
+    def group(self, method: ParallelMethod) -> Any:
+        return self.groups[method.mesh_dim]
+
+    def start(self) -> None:
+        """A new generation starts (bare models; a pipeline's scheduler says so itself)."""
+        self.clock.start(self.clock.scheduler)
+
+    @property
+    def tick(self) -> Tick:
+        return self.clock.current
+
+    def register(self, module: torch.nn.Module, hook: ModelHook, name: str, watch: str | None = None) -> None:
+        """Register `hook` on `module` (undone by `unparallelize`); `watch` names it in the denoiser, so that a
+        module replaced after parallelize (a LoRA layer, fused projections) is caught before it computes."""
+        registry = HookRegistry.check_if_exists_or_initialize(module)
+        if registry.get_hook(name) is not None:
+            raise UserError(f"{name} is already applied to this model; call paradiff.unparallelize(pipe) first.")
+        registry.register_hook(hook, name)
+        self._hooks.append((module, name))
+        if watch is not None:
+            self._watched.append((watch, module))
+
+    def _generation_starts(self) -> None:
+        HookRegistry.check_if_exists_or_initialize(self.denoiser).reset_stateful_hooks(recurse=True)
+
+    def check_model(self) -> None:
+        """The modules the plans hooked are still the denoiser's (nothing replaced them after parallelize)."""
+        for name, module in self._watched:
+            try:
+                current = self.denoiser.get_submodule(name)
+            except AttributeError:
+                current = None
+            if current is not module:
+                raise UserError(f"the model was changed after parallelize ({name} was replaced: a LoRA loaded, "
+                                "projections fused?); call paradiff.unparallelize(pipe), change the model, then "
+                                "parallelize it again.")
+        if hasattr(self.denoiser, "_hf_hook"):
+            raise UserError("CPU offloading (enable_model_cpu_offload and the like) cannot be combined with paradiff's "
+                            "parallel methods; each rank keeps its model on its own GPU.")
+
+    def remove(self) -> None:
+        for module, name in reversed(self._hooks):
+            HookRegistry.check_if_exists_or_initialize(module).remove_hook(name, recurse=False)
+        self._hooks.clear()
+        self.clock.detach()
+        if getattr(self.denoiser, "_paradiff", None) is self:
+            del self.denoiser._paradiff
+
+
+def _fingerprint(args: tuple, kwargs: dict, device: torch.device) -> torch.Tensor:
+    """Sums of every floating input tensor: equal on every rank when the ranks start from the same inputs."""
+    parts = [torch.stack([x.float().sum(), x.float().abs().sum()]).to(device)
+             for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor) and x.is_floating_point()]
+    return torch.nan_to_num(torch.cat(parts)) if parts else torch.zeros(1, device=device)
+
+
+class GenerationHook(ModelHook):
+    """Outermost hook of the denoiser: ticks the clock; at each generation's first call, checks the pipeline state
+    and that every rank got the same inputs; turns a failed collective into one sentence."""
+
+    def __init__(self, target: Parallelized):
+        super().__init__()
+        self.target = target
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        target = self.target
+        tick = target.clock.tick(timestep_of(module, args, kwargs))
+        if tick.first:
+            target.check_model()
+            for method in target.methods:
+                method.check(target)
+            if target.check_inputs:
+                self._check_same_inputs(args, kwargs)
+        with guarded("a denoiser step"):
+            return self.fn_ref.original_forward(*args, **kwargs)
+
+    def _check_same_inputs(self, args: tuple, kwargs: dict) -> None:
+        local = _fingerprint(args, kwargs, self.target.device)
+        with guarded("the first denoiser step (checking that every rank has the same inputs)"):
+            gathered = all_gather(local.unsqueeze(0), 0, dist.group.WORLD)
+        if not bool((gathered == gathered[:1]).all()):  # one host sync per generation
+            raise UserError("the ranks called the pipeline with different inputs (latents, prompts or embeddings "
+                            "differ at the first step): give every rank the same seed, e.g. "
+                            "generator=torch.Generator().manual_seed(0), and the same arguments.")
 
 
 def resolve_mesh_dims(methods: tuple[ParallelMethod, ...], world_size: int) -> dict[str, int]:
@@ -51,16 +178,23 @@ def resolve_mesh_dims(methods: tuple[ParallelMethod, ...], world_size: int) -> d
     return {name: int(size) for name, size in dims.items()}  # type: ignore[arg-type]
 
 
+def parallelized(pipe: Any) -> Parallelized | None:
+    """The installation on `pipe`'s denoiser (shared by pipelines made with `from_pipe`), or None."""
+    return getattr(denoiser_of(pipe), "_paradiff", None)
+
+
 def parallelize(pipe: Any, *methods: ParallelMethod, device: str | None = None,
                 main_rank_stages: bool = True) -> Any:
     """Apply `methods` to `pipe` in place and move it to this rank's device; returns `pipe`.
 
     Call it in every rank (under torchrun or `paradiff ... --nproc N`). Only rank 0 shows progress bars.
-    `main_rank_stages`: prompt encoding and VAE decoding run on rank 0 only (embeddings are broadcast; the other
-    ranks free those weights and return blank images), see `paradiff.main_rank`.
+    `main_rank_stages`: the text encoders and the VAE decoder run on rank 0 only (their outputs are broadcast; the
+    other ranks free those weights and decode blank images), see `paradiff.main_rank`.
     """
     if not methods:
         raise UserError("parallelize() needs at least one method, e.g. paradiff.PatchParallel().")
+    if parallelized(pipe) is not None:
+        raise UserError("this pipeline is already parallelized; call paradiff.unparallelize(pipe) first.")
     rt = runtime.init(device)
     dims = resolve_mesh_dims(methods, rt.world_size)
     for name, size in dims.items():
@@ -70,14 +204,66 @@ def parallelize(pipe: Any, *methods: ParallelMethod, device: str | None = None,
                 "(--nproc N or torchrun --nproc-per-node N)."
             )
     mesh = runtime.mesh(dims)
-    for method in methods:
-        method.apply(pipe, mesh)
-    if main_rank_stages:
-        main_rank.share_prompt_encoding(pipe, device=rt.device)
-        main_rank.decode_on_main_only(pipe, rt.is_main)
     pipe.to(rt.device)
+    target = Parallelized(denoiser_of(pipe), methods, {name: mesh.get_group(name) for name in dims}, rt.device,
+                          host=pipe, is_main=rt.is_main, vae_scale_factor=vae_scale_factor(pipe))
+    _install(target, lambda: main_rank.install(pipe, target) if main_rank_stages else None)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=not rt.is_main)
-    pipe._paradiff_mesh = mesh
-    pipe._paradiff_methods = methods
+    return pipe
+
+
+def _install(target: Parallelized, extra: Any = None) -> None:
+    if getattr(target.denoiser, "_paradiff", None) is not None:
+        raise UserError("this model is already parallelized; call paradiff.unparallelize first.")
+    try:
+        for method in target.methods:
+            method.apply(target)
+        target.register(target.denoiser, GenerationHook(target), GENERATION_HOOK)
+        if extra is not None:
+            extra()
+    except BaseException:
+        target.remove()
+        raise
+    target.denoiser._paradiff = target
+
+
+class _SchedulerHost:
+    """Stands in for a pipeline when a bare model is stepped by a scheduler the caller owns."""
+
+    def __init__(self, scheduler: Callable[[], Any]):
+        self._scheduler = scheduler
+
+    @property
+    def scheduler(self) -> Any:
+        return self._scheduler()
+
+
+def parallelize_module(model: torch.nn.Module, *methods: ParallelMethod, groups: dict[str, Any],
+                       scheduler: Callable[[], Any] | None = None, device: Any = None) -> Parallelized:
+    """Apply `methods` to a bare denoiser over the process groups `groups` (mesh dimension -> group).
+
+    `scheduler()` returns the scheduler whose `set_timesteps` starts each generation; without one, the caller
+    starts each generation with `.start()` on the result and every denoiser call counts as one step.
+    """
+    device = device if device is not None else next(model.parameters()).device
+    host = _SchedulerHost(scheduler) if scheduler is not None else None
+    target = Parallelized(model, methods, groups, device, host=host, check_inputs=False)
+    _install(target)
+    return target
+
+
+def unparallelize(pipe: Any) -> Any:
+    """Remove every hook `parallelize` installed; returns `pipe`.
+
+    On rank 0 the pipeline is then the serial pipeline again. Weights a rank freed (the text encoders and the VAE
+    decoder on ranks other than 0, the components other ranks ran under AsyncDenoise) cannot come back: using
+    them raises a UserError that says so.
+    """
+    target = parallelized(pipe)
+    if target is None:
+        raise UserError("this pipeline is not parallelized (paradiff.parallelize was not applied to it).")
+    target.remove()
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=False)
     return pipe

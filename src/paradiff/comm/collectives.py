@@ -34,18 +34,51 @@ def guarded(what: str):
         yield
     except CollectiveError:
         raise
-    except (RuntimeError, dist.DistError) as err:  # DistBackendError, gloo/NCCL timeouts, closed connections
+    except (RuntimeError, dist.DistError) as err:
+        if not is_collective_failure(err):
+            raise
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise CollectiveError(f"the collective of {what} failed on this rank ({first}). {LIKELY_CAUSE}") from None
+
+
+_FAILURE_WORDS = ("gloo", "nccl", "timed out", "timeout", "connection", "peer", "socket", "watchdog")
+
+
+def is_collective_failure(err: BaseException) -> bool:
+    """A backend error (a dead or absent peer, a timeout), not a bug in the computation around it."""
+    if isinstance(err, dist.DistError):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and any(word in text for word in _FAILURE_WORDS)
 
 
 def _wait(x: torch.Tensor) -> torch.Tensor:
     return x.wait() if isinstance(x, funcol.AsyncCollectiveTensor) else x
 
 
+class Collectives:
+    """The traced collectives of the step. `paradiff.comm.emulate` swaps in local copies (one GPU as rank 0 of N)."""
+
+    @staticmethod
+    def all_gather(x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
+        return _wait(_all_gather(x.contiguous(), dim, group))
+
+    @staticmethod
+    def start_all_gather(x: torch.Tensor, group_name: str, world: int) -> torch.Tensor:
+        """Issue an all-gather along dim 0 and return its (not yet valid) result; `wait_started` makes it valid."""
+        return torch.ops._c10d_functional.all_gather_into_tensor(x, world, group_name)
+
+    @staticmethod
+    def wait_started(x: torch.Tensor) -> torch.Tensor:
+        return torch.ops._c10d_functional.wait_tensor(x)
+
+
+backend = Collectives()
+
+
 def all_gather(x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
     """All-gather `x` along `dim` over `group`, waited (functional collective: traceable by torch.compile)."""
-    return _wait(_all_gather(x.contiguous(), dim, group))
+    return backend.all_gather(x, dim, group)
 
 
 def _picklable(value: Any) -> Any:

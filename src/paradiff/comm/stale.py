@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 
-from paradiff.comm.collectives import _all_gather, _wait
+from paradiff.comm import collectives
 
 
 class Slot:
@@ -38,15 +38,6 @@ class Slot:
 
     def __init__(self) -> None:
         self.recv: torch.Tensor | None = None
-
-
-def _start_all_gather(x: torch.Tensor, group_name: str, world: int) -> torch.Tensor:
-    """Issue an all-gather along dim 0 and return its (not yet valid) result; `_wait_started` makes it valid."""
-    return torch.ops._c10d_functional.all_gather_into_tensor(x, world, group_name)
-
-
-def _wait_started(x: torch.Tensor) -> torch.Tensor:
-    return torch.ops._c10d_functional.wait_tensor(x)
 
 
 class StaleExchange:
@@ -102,7 +93,7 @@ class StaleExchange:
     def exchange(self, slot: Slot, payload: torch.Tensor, sync: bool | None = None) -> torch.Tensor:
         """All ranks' payloads concatenated on dim 0: this step's (sync) or the previous step's (stale)."""
         if self.sync if sync is None else sync:
-            gathered = _wait(_all_gather(payload.contiguous(), 0, self.group))
+            gathered = collectives.all_gather(payload, 0, self.group)
             if slot.recv is None or slot.recv.shape != gathered.shape:
                 slot.recv = gathered.clone()
             else:
@@ -120,7 +111,7 @@ class StaleExchange:
         bucket = self._open.pop(dtype)
         del self._open_bytes[dtype]
         flat = torch.cat([p.reshape(-1) for _, p in bucket])
-        gathered = _start_all_gather(flat, self.group_name, self.world)
+        gathered = collectives.backend.start_all_gather(flat, self.group_name, self.world)
         self._sent.append(([(slot, p.shape) for slot, p in bucket], gathered))
 
     def finish(self) -> None:
@@ -134,7 +125,7 @@ class StaleExchange:
     def _land(self) -> None:
         for entries, gathered in self._sent:
             sizes = [shape.numel() for _, shape in entries]
-            parts = _wait_started(gathered).view(self.world, -1).split(sizes, dim=1)
+            parts = collectives.backend.wait_started(gathered).view(self.world, -1).split(sizes, dim=1)
             for (slot, shape), part in zip(entries, parts):
                 slot.recv.copy_(part.reshape(self.world * shape[0], *shape[1:]))
         self._sent.clear()

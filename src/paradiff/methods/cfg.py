@@ -5,6 +5,9 @@ tensor argument of the denoiser call (sample, timestep when it has a batch dim, 
 `added_cond_kwargs`, SD3's pooled projections, ...) into 2 chunks, runs this rank's chunk and all-gathers the
 output along the batch. It is exact (same maths, half the batch) and generic over denoisers: it never looks at the
 model's internals, only at the call's arguments and output, so it composes with any other method's hooks.
+
+`compile=True` compiles this rank's half of the call and `cuda_graph` replays it from a CUDA graph (on by
+default on CUDA, `paradiff.execution`): the all-gather stays outside both, in the hook.
 """
 
 from __future__ import annotations
@@ -14,24 +17,15 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks import ModelHook
 from torch.utils import _pytree as pytree
 
 from paradiff.comm import all_gather
-from paradiff.errors import UserError
-from paradiff.parallel import ParallelMethod
+from paradiff.execution import Execution
+from paradiff.parallel import ParallelMethod, Parallelized, parallelize_module
 
 HOOK_NAME = "paradiff.cfg"
 _SAMPLE_NAMES = ("sample", "hidden_states", "x")
-
-
-def denoiser_of(pipe: Any) -> torch.nn.Module:
-    """The pipeline's denoiser (`pipe.unet` or `pipe.transformer`), or a UserError naming what is missing."""
-    for name in ("unet", "transformer"):
-        module = getattr(pipe, name, None)
-        if isinstance(module, torch.nn.Module):
-            return module
-    raise UserError(f"{type(pipe).__name__} has no `unet` or `transformer` denoiser; paradiff cannot parallelize it.")
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int | None:
@@ -40,25 +34,26 @@ def _batch_size(args: tuple, kwargs: dict) -> int | None:
 
 
 class BatchSplitHook(ModelHook):
-    """Runs this rank's 1/`degree` of the batch and all-gathers the outputs along dim 0."""
+    """Runs this rank's 1/`degree` of the batch (compiled and graph-replayed when asked) and all-gathers the
+    outputs along dim 0."""
 
-    def __init__(self, group: Any):
+    def __init__(self, module: torch.nn.Module, group: Any, execution: Execution, device: torch.device):
         super().__init__()
         self.group = group
         self.degree = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        self._split = False
         self._warned = False
+        self._run = None
+        self.execution, self.device = execution, device
 
-    def pre_forward(self, module, *args, **kwargs):
+    def new_forward(self, module, *args, **kwargs):
         batch = _batch_size(args, kwargs)
-        self._split = batch is not None and batch % self.degree == 0
-        if not self._split:
+        if batch is None or batch % self.degree:
             if not self._warned:
                 warnings.warn(f"CFG parallel: a denoiser batch of {batch} does not split over {self.degree} ranks "
                               "(guidance off?); every rank computes the whole batch.", stacklevel=2)
                 self._warned = True
-            return args, kwargs
+            return self.fn_ref.original_forward(*args, **kwargs)
         part = batch // self.degree
 
         def take(x):
@@ -66,11 +61,10 @@ class BatchSplitHook(ModelHook):
                 return x.narrow(0, self.rank * part, part)
             return x
 
-        return pytree.tree_map(take, args), pytree.tree_map(take, kwargs)
-
-    def post_forward(self, module, output):
-        if not self._split:
-            return output
+        if self._run is None:
+            fn = self.execution.compiled(self.fn_ref.original_forward)
+            self._run = self.execution.runner(fn, self.device, name="CFG parallel")
+        output = self._run(*pytree.tree_map(take, args), **pytree.tree_map(take, kwargs))
         return pytree.tree_map(
             lambda x: all_gather(x, 0, self.group) if isinstance(x, torch.Tensor) and x.dim() > 0 else x, output)
 
@@ -80,25 +74,30 @@ class CFGParallel(ParallelMethod):
 
     Combines with patch parallelism (`parallelize(pipe, CFGParallel(), PatchParallel())`, 2 x N ranks) and with
     asynchronous denoising. With guidance off (batch not divisible by 2) each rank computes the whole batch.
+    compile / cuda_graph: as everywhere in paradiff (`paradiff.execution.Execution`). When another method shares
+    the denoiser, that method compiles and replays the step instead.
     """
 
     mesh_dim = "cfg"
 
+    def __init__(self, *, compile: bool | dict = False, cuda_graph: bool | None = None):
+        self.execution = Execution(compile, cuda_graph)
+
     def degree(self) -> int:
         return 2
 
-    def apply(self, pipe: Any, mesh: Any) -> None:
-        apply_to_module(denoiser_of(pipe), mesh.get_group(self.mesh_dim))
+    def apply(self, target: Parallelized) -> None:
+        alone = len(target.methods) == 1
+        execution = self.execution if alone else Execution(False, False)
+        if alone:
+            execution.graphs_on(target.device)  # cuda_graph=True without a GPU: say so now
+        target.register(target.denoiser,
+                        BatchSplitHook(target.denoiser, target.group(self), execution, target.device), HOOK_NAME)
 
     def __repr__(self) -> str:
-        return "CFGParallel()"
+        return f"CFGParallel(compile={self.execution.compile!r}, cuda_graph={self.execution.cuda_graph!r})"
 
 
-def apply_to_module(module: torch.nn.Module, group: Any) -> BatchSplitHook:
-    """Install the batch-split hook on a bare denoiser (what `CFGParallel.apply` does to the pipeline's)."""
-    registry = HookRegistry.check_if_exists_or_initialize(module)
-    if registry.get_hook(HOOK_NAME) is not None:
-        raise UserError("CFG parallelism is already applied to this model.")
-    hook = BatchSplitHook(group)
-    registry.register_hook(hook, HOOK_NAME)
-    return hook
+def apply_to_module(module: torch.nn.Module, group: Any, **config: Any) -> Parallelized:
+    """CFG parallelism on a bare denoiser over `group` (what `parallelize` does to a pipeline's)."""
+    return parallelize_module(module, CFGParallel(**config), groups={CFGParallel.mesh_dim: group})

@@ -1,7 +1,7 @@
 """Automatic split of a denoiser into N balanced sequential components (for asynchronous denoising).
 
 `trace(model)` runs the model once on the meta device (no weights, no memory) with the family's example call and
-records, for every splittable unit (see `async_families`): its execution order, its FLOPs
+records, for every splittable unit (see `paradiff.plans.async_units`): its execution order, its FLOPs
 (`torch.utils.flop_counter.FlopCounterMode`) and which unit outputs each unit consumes. Dependencies are found
 through autograd, so the glue code of the diffusers forward (skip-connection concatenation, residual adds,
 tuple indexing) needs no hand-written table: every unit output is made an autograd leaf and each unit's inputs are
@@ -21,7 +21,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from paradiff.errors import UserError
-from paradiff.methods.async_families import ALL, family_of
+from paradiff.plans.async_units import ALL, family_of
 
 OUTPUT = -1
 """Consumer index of the model's final output (run by every rank from the last component's values)."""
@@ -90,12 +90,6 @@ class Split:
 
 def _tensor_leaves(obj: Any) -> list[torch.Tensor]:
     return [x for x in pytree.tree_leaves(obj) if isinstance(x, torch.Tensor)]
-
-
-def _meta_twin(model: torch.nn.Module) -> torch.nn.Module:
-    with torch.device("meta"):
-        twin = type(model).from_config(dict(model.config))
-    return twin.eval().requires_grad_(False)
 
 
 def trace(model: torch.nn.Module, batch: int = 2, expand: Any = frozenset()) -> Graph:

@@ -1,22 +1,24 @@
 """Patch-parallel plan for `UNet2DConditionModel` (SD 1.x, 2.x, XL, Turbo): which stock module gets which hook.
 
+The plan is the table `PATCH_PLAN`, read top to bottom, first match wins:
+
 | module                                   | hook             | why                                              |
 |------------------------------------------|------------------|--------------------------------------------------|
 | `nn.Conv2d`, kernel > 1 row              | `HaloConv2d`     | reads rows of the neighbouring patches           |
-| `nn.Conv2d` 1x1, `nn.Linear`             | none             | per pixel / per token                            |
 | `Attention`, self (`attn1`)              | `FullKV` on to_k, to_v | local queries attend to all tokens          |
-| `Attention`, cross (`attn2`)             | none             | keys/values are the text, the same on all ranks  |
 | `nn.GroupNorm`                           | `PatchGroupNorm` | statistics over the whole image                  |
-| `nn.LayerNorm`, time/text embeddings     | none             | per token / no spatial extent                    |
+| BatchNorm, InstanceNorm, 1xk convs       | refused          | spatial, and no rule for them                    |
+| anything else (1x1 convs, linears, LayerNorm, cross-attention, embeddings) | none | per pixel / per token / no spatial extent |
 
-Anything spatial the table does not know (another norm or conv type) is refused with a clear error rather than
-silently computed per patch.
+Anything spatial the table does not know is refused with a clear error rather than silently computed per patch.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
-from diffusers.hooks import HookRegistry
 from diffusers.models.attention_processor import Attention
 
 from paradiff.comm import StaleExchange
@@ -24,6 +26,7 @@ from paradiff.errors import UserError
 from paradiff.plans.patch_layers import FullKV, HaloConv2d, PatchGroupNorm
 
 HOOK_NAME = "paradiff.patch"
+Register = Callable[[torch.nn.Module, object, str], None]  # (module, hook, name in the model)
 
 
 def downsampling_factor(unet: torch.nn.Module) -> int:
@@ -35,31 +38,57 @@ def downsampling_factor(unet: torch.nn.Module) -> int:
     return factor
 
 
-def _register(module: torch.nn.Module, hook) -> None:
-    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, HOOK_NAME)
+def _halo_conv(name: str, module: torch.nn.Conv2d, exchange: StaleExchange, gn_mode: str, register: Register):
+    if module.padding_mode != "zeros" or module.kernel_size[0] != 2 * module.padding[0] + 1 \
+            or module.dilation[0] != 1:
+        raise UserError(f"patch parallelism does not support the conv {name} ({module}).")
+    hook = HaloConv2d(exchange)
+    register(module, hook, name)
+    return hook
 
 
-def apply(unet: torch.nn.Module, exchange: StaleExchange, gn_mode: str) -> dict[str, list]:
-    """Install the displaced-patch hooks on `unet`; returns the hooks installed, by kind."""
-    hooks: dict[str, list] = {"conv": [], "attention": [], "groupnorm": []}
+def _full_kv(name: str, module: Attention, exchange: StaleExchange, gn_mode: str, register: Register):
+    if getattr(module, "fused_projections", False) or not hasattr(module, "to_k"):
+        raise UserError(f"patch parallelism needs separate to_k/to_v projections in {name}; "
+                        "call unfuse_qkv_projections() first.")
+    hooks = (FullKV(exchange), FullKV(exchange))
+    register(module.to_k, hooks[0], f"{name}.to_k")
+    register(module.to_v, hooks[1], f"{name}.to_v")
+    return hooks
+
+
+def _group_norm(name: str, module: torch.nn.GroupNorm, exchange: StaleExchange, gn_mode: str, register: Register):
+    hook = PatchGroupNorm(exchange, gn_mode)  # "separate" syncs in warm-up steps
+    register(module, hook, name)
+    return hook
+
+
+def _refuse(name: str, module: torch.nn.Module, *_):
+    raise UserError(f"patch parallelism has no rule for {name} ({type(module).__name__}).")
+
+
+@dataclass(frozen=True)
+class Rule:
+    kind: str
+    matches: Callable[[torch.nn.Module], bool]
+    install: Callable
+
+
+PATCH_PLAN = (
+    Rule("conv", lambda m: isinstance(m, torch.nn.Conv2d) and m.kernel_size[0] > 1, _halo_conv),
+    Rule("attention", lambda m: isinstance(m, Attention) and not m.is_cross_attention, _full_kv),
+    Rule("groupnorm", lambda m: isinstance(m, torch.nn.GroupNorm), _group_norm),
+    Rule("refused", lambda m: isinstance(m, (torch.nn.BatchNorm2d, torch.nn.InstanceNorm2d)) or (
+        isinstance(m, torch.nn.Conv2d) and m.kernel_size[1] > 1 and m.kernel_size[0] == 1), _refuse),
+)
+
+
+def apply(unet: torch.nn.Module, exchange: StaleExchange, gn_mode: str, register: Register,
+          plan: tuple[Rule, ...] = PATCH_PLAN) -> dict[str, list]:
+    """Install the displaced-patch hooks of `plan` on `unet`; returns the hooks installed, by kind."""
+    hooks: dict[str, list] = {rule.kind: [] for rule in plan if rule.kind != "refused"}
     for name, module in unet.named_modules():
-        if isinstance(module, torch.nn.Conv2d) and module.kernel_size[0] > 1:
-            if module.padding_mode != "zeros" or module.kernel_size[0] != 2 * module.padding[0] + 1 \
-                    or module.dilation[0] != 1:
-                raise UserError(f"patch parallelism does not support the conv {name} ({module}).")
-            hooks["conv"].append(HaloConv2d(exchange))
-            _register(module, hooks["conv"][-1])
-        elif isinstance(module, Attention) and not module.is_cross_attention:
-            if getattr(module, "fused_projections", False) or not hasattr(module, "to_k"):
-                raise UserError(f"patch parallelism needs separate to_k/to_v projections in {name}; "
-                                "call unfuse_qkv_projections() first.")
-            hooks["attention"].append((FullKV(exchange), FullKV(exchange)))
-            _register(module.to_k, hooks["attention"][-1][0])
-            _register(module.to_v, hooks["attention"][-1][1])
-        elif isinstance(module, torch.nn.GroupNorm):
-            hooks["groupnorm"].append(PatchGroupNorm(exchange, gn_mode))  # "separate" syncs in warm-up steps
-            _register(module, hooks["groupnorm"][-1])
-        elif isinstance(module, (torch.nn.BatchNorm2d, torch.nn.InstanceNorm2d)) or (
-                isinstance(module, torch.nn.Conv2d) and module.kernel_size[1] > 1 and module.kernel_size[0] == 1):
-            raise UserError(f"patch parallelism has no rule for {name} ({type(module).__name__}).")
+        rule = next((rule for rule in plan if rule.matches(module)), None)
+        if rule is not None:
+            hooks[rule.kind].append(rule.install(name, module, exchange, gn_mode, register))
     return hooks

@@ -9,7 +9,8 @@ call runs k-1 extra steps on its own frame, so every output is a fully denoised 
 
 Everything a step needs (prompt embeddings, per-row timesteps, alpha/beta, LCM c_skip/c_out, the fixed noise) is
 put on the device in `prepare()`, and the step reads and updates only static buffers, so on a GPU the whole step
-(uint8 frame in -> encode -> UNet -> decode -> uint8 frame out) is one CUDA-graph replay (see `engine.py`).
+(uint8 frame in -> encode -> UNet -> decode -> uint8 frame out) is one CUDA-graph replay (`paradiff.execution`:
+the runner and the compile policy every method shares).
 The diffusers pipeline and its modules are used as they are; nothing in them is changed.
 """
 
@@ -21,7 +22,7 @@ import torch
 
 from paradiff.errors import UserError
 from paradiff.stream import frames as frames_mod
-from paradiff.stream.engine import GraphStep
+from paradiff.execution import Execution
 from paradiff.stream.guidance import check_mode, combine, virtual_residual
 from paradiff.stream.schedule import build_schedule, denoise, to_epsilon
 from paradiff.stream.similarity import SimilarityFilter
@@ -44,13 +45,14 @@ def _decode_latents(vae, latents):
 _COMPILED: dict = {}
 
 
-def _compiled(fn):
-    """One torch.compile'd wrapper per function for the whole process, so streams built on the same modules (a
-    prompt/size change, a benchmark's configurations) reuse compiled graphs; shapes are static (one graph per
-    batch size) because the step is replayed from a CUDA graph anyway."""
-    if fn not in _COMPILED:
-        _COMPILED[fn] = torch.compile(fn, dynamic=False)
-    return _COMPILED[fn]
+def _compiled(fn, execution: Execution):
+    """One torch.compile'd wrapper per function and compile setting for the whole process, so streams built on
+    the same modules (a prompt/size change, a benchmark's configurations) reuse compiled graphs; shapes are
+    static (one graph per batch size) because the step is replayed from a CUDA graph anyway."""
+    key = (fn, repr(execution.compile))
+    if key not in _COMPILED:
+        _COMPILED[key] = execution.compiled(fn)
+    return _COMPILED[key]
 
 
 def _rows(values: torch.Tensor, per: int) -> torch.Tensor:
@@ -83,7 +85,7 @@ class StreamPipeline:
         warm_start: bool = True,
         filter_on_host: bool | None = None,
         cuda_graph: bool | None = None,
-        compile: bool = False,
+        compile: bool | dict = False,
     ):
         for part in ("unet", "vae", "scheduler", "encode_prompt"):
             if getattr(pipe, part, None) is None:
@@ -134,19 +136,17 @@ class StreamPipeline:
             if on_host:
                 self.host_filter = SimilarityFilter(similarity_filter, max_skip_frames,
                                                     (f, 3, -(-self.height // 4), -(-self.width // 4)), "cpu")
-        use_graph = self.device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
-        if use_graph and self.device.type != "cuda":
-            raise UserError("cuda_graph=True needs the pipeline on a CUDA device.")
-        self._unet_fn = _compiled(_unet_eps) if compile else _unet_eps
-        self._encode_fn = _compiled(_encode_latents) if compile else _encode_latents
-        self._decode_fn = _compiled(_decode_latents) if compile else _decode_latents
+        execution = Execution(compile, cuda_graph, graph_warmup=2)
+        self._unet_fn = _compiled(_unet_eps, execution) if compile else _unet_eps
+        self._encode_fn = _compiled(_encode_latents, execution) if compile else _encode_latents
+        self._decode_fn = _compiled(_decode_latents, execution) if compile else _decode_latents
         s = self.schedule
         self._a, self._b = _rows(s.alpha, f), _rows(s.beta, f)
         self._cskip, self._cout = _rows(s.c_skip, f), _rows(s.c_out, f)
         t = s.timesteps.repeat_interleave(f)
         self._t_unet = {"none": t, "self": t, "full": torch.cat([t, t]), "initialize": torch.cat([t[:f], t])}[guidance]
-        self._img2img = GraphStep(self._img2img_step, self._state, use_graph)
-        self._txt2img = GraphStep(self._txt2img_step, self._state, use_graph)
+        self._img2img = execution.runner(self._img2img_step, self.device, name="StreamPipeline")
+        self._txt2img = execution.runner(self._txt2img_step, self.device, name="StreamPipeline")
         self._prepared = False
         self.prompt: list[str] = []
         self.negative_prompt: list[str] = []
@@ -266,7 +266,7 @@ class StreamPipeline:
                             f"build the stream with frame_buffer_size={batch}.")
         return self._run(self._txt2img, device_filter=False)
 
-    def _run(self, step: GraphStep, device_filter: bool = True) -> torch.Tensor:
+    def _run(self, step: Any, device_filter: bool = True) -> torch.Tensor:
         if not self._primed:
             if self.warm_start and self.steps > 1:
                 self._set_device_filter(False)
@@ -295,12 +295,6 @@ class StreamPipeline:
             raise UserError("call stream.prepare(prompt) before generating frames.")
 
     # --------------------------------------------------------------------------------------- the step itself
-    def _state(self) -> list[torch.Tensor]:
-        state = [self._lat, self._neg, self._out]
-        if self.filter is not None:
-            state += [t for t in self.filter.state().values()]
-        return state
-
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
         return self._encode_fn(self.vae, images, self.tiny)
 

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 
 from paradiff.errors import UserError
+from paradiff.plans.common import example_inputs
 
 
 ALL = None
@@ -67,29 +68,12 @@ def _unet_units(model: torch.nn.Module, expand: Any = frozenset()) -> list[str]:
     return units
 
 
-def _side(sample_size: Any) -> tuple[int, int]:
-    if isinstance(sample_size, (list, tuple)):
-        return int(sample_size[0]), int(sample_size[1])
-    return int(sample_size or 64), int(sample_size or 64)
-
-
 def _unet_inputs(model: torch.nn.Module, batch: int) -> dict:
     cfg = model.config
-    h, w = _side(cfg.sample_size)
-    cross = cfg.cross_attention_dim
-    cross = cross[0] if isinstance(cross, (list, tuple)) else cross
-    meta = torch.device("meta")
-    kwargs: dict = dict(sample=torch.empty(batch, cfg.in_channels, h, w, device=meta),
-                        timestep=torch.empty((), device=meta),
-                        encoder_hidden_states=torch.empty(batch, 77, cross, device=meta))
-    if cfg.addition_embed_type == "text_time":
-        text_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-        kwargs["added_cond_kwargs"] = {"text_embeds": torch.empty(batch, text_dim, device=meta),
-                                       "time_ids": torch.empty(batch, 6, device=meta)}
-    elif cfg.addition_embed_type is not None or cfg.class_embed_type is not None:
+    if cfg.addition_embed_type not in (None, "text_time") or cfg.class_embed_type is not None:
         raise UserError(f"AsyncDenoise supports UNets conditioned on text (SD1.x/2.x) and text+time (SDXL); this one "
                         f"has addition_embed_type={cfg.addition_embed_type!r}, class_embed_type={cfg.class_embed_type!r}.")
-    return kwargs
+    return example_inputs(model, batch)
 
 
 def _sd3_units(model: torch.nn.Module, expand: Any = frozenset()) -> list[str]:
@@ -97,13 +81,7 @@ def _sd3_units(model: torch.nn.Module, expand: Any = frozenset()) -> list[str]:
 
 
 def _sd3_inputs(model: torch.nn.Module, batch: int) -> dict:
-    cfg = model.config
-    meta = torch.device("meta")
-    side = int(cfg.sample_size)
-    return dict(hidden_states=torch.empty(batch, cfg.in_channels, side, side, device=meta),
-                encoder_hidden_states=torch.empty(batch, 333, cfg.joint_attention_dim, device=meta),
-                pooled_projections=torch.empty(batch, cfg.pooled_projection_dim, device=meta),
-                timestep=torch.empty(batch, device=meta))
+    return example_inputs(model, batch)
 
 
 UNET = Family("UNet2DConditionModel", _unet_units, _unet_inputs)

@@ -1,0 +1,96 @@
+"""Model facts every layer needs, written once: which module is the denoiser, how much the VAE downsamples, where
+a denoiser takes its timestep, and what a call of it looks like (for tracing, benchmarks and tests)."""
+
+from __future__ import annotations
+
+import inspect
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+from paradiff.errors import UserError
+
+DENOISER_NAMES = ("unet", "transformer")
+SDXL_TIME_IDS = 6  # original size, crop top-left, target size
+
+
+def denoiser_name(pipe: Any) -> str:
+    for name in DENOISER_NAMES:
+        if isinstance(getattr(pipe, name, None), torch.nn.Module):
+            return name
+    raise UserError(f"{type(pipe).__name__} has no `unet` or `transformer` denoiser; paradiff cannot parallelize it.")
+
+
+def denoiser_of(pipe: Any) -> torch.nn.Module:
+    """The pipeline's denoiser (`pipe.unet` or `pipe.transformer`), or a UserError naming what is missing."""
+    return getattr(pipe, denoiser_name(pipe))
+
+
+def vae_scale_factor(pipe: Any) -> int:
+    """Pixels per latent row: the pipeline's own figure, else 2 per VAE down block beyond the first, else 8."""
+    scale = getattr(pipe, "vae_scale_factor", None)
+    if isinstance(scale, int):
+        return scale
+    vae = getattr(pipe, "vae", None)
+    channels = getattr(getattr(vae, "config", None), "block_out_channels", None)
+    return 2 ** (len(channels) - 1) if channels else 8
+
+
+@lru_cache(maxsize=None)
+def _parameter_names(cls: type) -> tuple[str, ...]:
+    return tuple(list(inspect.signature(cls.forward).parameters)[1:])
+
+
+def timestep_position(model: torch.nn.Module) -> int | None:
+    """Positional index of `timestep` in the denoiser's forward (None when it has none)."""
+    names = _parameter_names(type(model))
+    return names.index("timestep") if "timestep" in names else None
+
+
+def timestep_of(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+    position = timestep_position(model)
+    if position is not None and len(args) > position:
+        return args[position]
+    return kwargs.get("timestep")
+
+
+def _side(sample_size: Any) -> tuple[int, int]:
+    if isinstance(sample_size, (list, tuple)):
+        return int(sample_size[0]), int(sample_size[1])
+    return int(sample_size or 64), int(sample_size or 64)
+
+
+def example_inputs(model: torch.nn.Module, batch: int = 2, height: int | None = None, width: int | None = None, *,
+                   device: Any = "meta", dtype: torch.dtype = torch.float32, seed: int = 0) -> dict:
+    """Keyword arguments of one denoiser call at `height` x `width` latent rows/columns (default: the model's
+    sample size): empty tensors on the meta device (tracing), else seeded random values."""
+    config = model.config
+    device = torch.device(device)
+    default_h, default_w = _side(config.get("sample_size"))
+    h, w = height or default_h, width or default_w
+    generator = torch.Generator("cpu").manual_seed(seed)
+
+    def randn(*shape: int) -> torch.Tensor:
+        if device.type == "meta":
+            return torch.empty(*shape, device=device, dtype=dtype)
+        return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
+
+    timestep = torch.full((batch,), 500.0, device=device)
+    if hasattr(config, "joint_attention_dim"):  # SD3-style transformer
+        return dict(hidden_states=randn(batch, config.in_channels, h, w),
+                    encoder_hidden_states=randn(batch, 333, config.joint_attention_dim),
+                    pooled_projections=randn(batch, config.pooled_projection_dim), timestep=timestep)
+    if not hasattr(config, "cross_attention_dim"):
+        raise UserError(f"paradiff does not know the inputs of {type(model).__name__} yet.")
+    cross = config.cross_attention_dim
+    cross = cross[0] if isinstance(cross, (list, tuple)) else cross
+    kwargs: dict = dict(sample=randn(batch, config.in_channels, h, w), timestep=timestep,
+                        encoder_hidden_states=randn(batch, 77, cross))
+    if config.get("addition_embed_type") == "text_time":
+        text_dim = config.projection_class_embeddings_input_dim - SDXL_TIME_IDS * config.addition_time_embed_dim
+        scale = 8
+        ids = torch.tensor([[h * scale, w * scale, 0, 0, h * scale, w * scale]] * batch, dtype=dtype)
+        kwargs["added_cond_kwargs"] = {"text_embeds": randn(batch, text_dim),
+                                       "time_ids": ids.to(device) if device.type != "meta" else randn(batch, 6)}
+    return kwargs

@@ -115,8 +115,9 @@ def run(args) -> int:
     from diffusers import DDIMScheduler
 
     from paradiff import runtime
-    from paradiff.bench import elapsed_ms
-    from paradiff.methods.asyncdenoise import apply_to_module
+    from paradiff import AsyncDenoise
+    from paradiff.bench import clock_mark, elapsed_ms
+    from paradiff.parallel import parallelize_module
     from paradiff.methods.split import explain_split
 
     rt = runtime.init(args.device)
@@ -164,19 +165,22 @@ def run(args) -> int:
                 if rt.is_main and stride == 1:
                     explain = explain_split(unet, n)
                     print(explain, flush=True)
-                apply_to_module(unet, group, lambda: sched, stride=stride, warmup_steps=args.warmup_steps,
-                                compile=compile_backend or False, cuda_graph=graphs)
+                method = AsyncDenoise(stride=stride, warmup_steps=args.warmup_steps, cuda_graph=graphs,
+                                      compile={"backend": compile_backend} if compile_backend else False)
+                parallelize_module(unet, method, groups={"async": group}, scheduler=lambda: sched)
                 params = sum(p.numel() for p in unet.parameters())
                 reset_memory(device)
                 with torch.no_grad():
                     times, out = timed(lambda: denoise(unet, sched, latent, kwargs, steps), args.repeats, device)
                     # one more generation with each rank's forward timed: real balance and communication overhead
-                    unet._paradiff_async.timings = []
+                    marks: list = []
+                    method.state.observer = lambda phase, edge: marks.append((phase, clock_mark(device)))
                     denoise(unet, sched, latent, kwargs, steps)
                     if gpu:
                         torch.cuda.synchronize()
-                    compute = [elapsed_ms(a, b) for mode, a, b in unet._paradiff_async.timings if mode == "async"]
-                    unet._paradiff_async.timings = None
+                    compute = [elapsed_ms(a, b) for (phase, a), (_, b) in zip(marks[::2], marks[1::2])
+                               if phase == "async"]
+                    method.state.observer = None
                 info = gather((times, peak_gb(device), params, statistics.median(compute) if compute else None))
                 if rt.is_main:
                     times = info[0][0]

@@ -50,7 +50,7 @@ def main() -> int:
     from paradiff import runtime
     from paradiff.evaluate import compare_images
     from paradiff.methods.asyncdenoise import DEFAULT_WARMUP, AsyncDenoise
-    from paradiff.parallel import parallelize
+    from paradiff.parallel import parallelize, parallelized
     from paradiff.reference import DEFAULT_GUIDANCE, DEFAULT_MODEL
     from paradiff.reference.checker import check
     from paradiff.reference.data import heldout_set
@@ -93,7 +93,7 @@ def main() -> int:
             adherence = float(np.mean([check((im * 255).round().astype(np.uint8), c).matched
                                        for im, (c, _) in zip(out, prompts)]))
             rows.append(dict(row, time_shift=shift, psnr=float(np.mean(psnr)), ssim=float(np.mean(ssim)),
-                             adherence=adherence, split=list(pipe._paradiff_methods[0].split.bounds)))
+                             adherence=adherence, split=list(parallelized(pipe).methods[0].split.bounds)))
     if rt.is_main:
         write(Path(args.out), rows, model)
     runtime.shutdown()

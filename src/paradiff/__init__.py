@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "parallelize": "paradiff.parallel",
+    "unparallelize": "paradiff.parallel",
     "ParallelMethod": "paradiff.parallel",
     "PatchParallel": "paradiff.methods.patch",
     "CFGParallel": "paradiff.methods.cfg",
@@ -23,6 +24,7 @@ _EXPORTS = {
     "init": "paradiff.runtime",
     "shutdown": "paradiff.runtime",
     "UserError": "paradiff.errors",
+    "CollectiveError": "paradiff.errors",
     "load_pipeline": "paradiff.pipelines",
 }
 

@@ -101,31 +101,13 @@ def compile_model(model: torch.nn.Module, mode: str = "reduce-overhead") -> torc
 
 
 def denoiser_inputs(model: torch.nn.Module, batch: int, height: int, width: int, *, dtype, device, seed: int = 0):
-    """Random inputs of the right shapes for one denoiser call (UNet2DConditionModel or SD3-style transformer)."""
-    config = model.config
-    generator = torch.Generator("cpu").manual_seed(seed)
+    """Random inputs of the right shapes for one denoiser call at `height` x `width` pixels, as (args, kwargs)."""
+    from paradiff.plans.common import example_inputs
+
     scale = 8  # VAE downsampling of every SD-family pipeline
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
-
-    latent = randn(batch, config.in_channels, height // scale, width // scale)
-    timestep = torch.full((batch,), 500, device=device, dtype=torch.long)
-    if hasattr(config, "cross_attention_dim") and "UNet" in type(model).__name__:
-        cross = config.cross_attention_dim
-        cross = cross[0] if isinstance(cross, (list, tuple)) else cross
-        kwargs: dict[str, Any] = {"encoder_hidden_states": randn(batch, 77, cross)}
-        if config.addition_embed_type == "text_time":
-            text_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-            kwargs["added_cond_kwargs"] = {"text_embeds": randn(batch, text_dim),
-                                           "time_ids": torch.tensor([[height, width, 0, 0, height, width]] * batch,
-                                                                    device=device, dtype=dtype)}
-        return (latent, timestep), kwargs
-    if hasattr(config, "joint_attention_dim"):
-        kwargs = {"encoder_hidden_states": randn(batch, 154, config.joint_attention_dim),
-                  "pooled_projections": randn(batch, config.pooled_projection_dim), "timestep": timestep}
-        return (latent,), kwargs
-    raise UserError(f"bench does not know the inputs of {type(model).__name__} yet.")
+    kwargs = example_inputs(model, batch, height // scale, width // scale, device=device, dtype=dtype, seed=seed)
+    first = "sample" if "sample" in kwargs else "hidden_states"
+    return (kwargs.pop(first),), kwargs
 
 
 def bench_denoiser(model: torch.nn.Module, *, batch: int, height: int, width: int, dtype, device, variants,

@@ -22,7 +22,7 @@ from torch.utils import _pytree as pytree
 from paradiff import main_rank, runtime
 from paradiff.comm import all_gather, guarded
 from paradiff.errors import UserError
-from paradiff.execution import StepClock, Tick
+from paradiff.execution import Execution, StepClock, Tick
 from paradiff.plans.common import denoiser_of, timestep_of, vae_scale_factor
 
 GENERATION_HOOK = "paradiff.generation"
@@ -37,6 +37,15 @@ class ParallelMethod:
     """
 
     mesh_dim: ClassVar[str] = ""
+    execution: Execution = Execution()
+
+    @property
+    def compile(self) -> bool | dict:
+        return self.execution.compile
+
+    @property
+    def cuda_graph(self) -> bool | None:
+        return self.execution.cuda_graph
 
     def degree(self) -> int | None:
         return None

@@ -70,7 +70,7 @@ def add_parallel_args(parser: argparse.ArgumentParser, methods: tuple[str, ...] 
     group.add_argument("--stride", type=positive_int, default=None, help="async denoising stride: 1 or 2")
     group.add_argument("--time-shift", action="store_true", default=None, help="async denoising time shift")
     group.add_argument("--compile", action="store_true", default=None,
-                       help="torch.compile the parallel step (patch, async; GPU): minutes of compiling before the "
+                       help="torch.compile the parallel step (every method; GPU): minutes of compiling before the "
                             "first image, faster steps after it")
     parser.set_defaults(check_before_launch=check_before_launch)
 
@@ -115,7 +115,7 @@ def methods_from_args(args: argparse.Namespace) -> list:
         if part == "cfg":
             from paradiff.methods.cfg import CFGParallel
 
-            methods.append(CFGParallel())
+            methods.append(CFGParallel(**({"compile": compile} if compile is not None else {})))
         elif part == "patch":
             from paradiff.methods.patch import PatchParallel
 
@@ -127,6 +127,4 @@ def methods_from_args(args: argparse.Namespace) -> list:
             kwargs = {"warmup_steps": args.warmup_steps, "stride": args.stride, "time_shift": args.time_shift,
                       "compile": compile}
             methods.append(AsyncDenoise(**{k: v for k, v in kwargs.items() if v is not None}))
-    if compile and not any(part in ("patch", "async") for part in name.split("+")):
-        raise UserError(f"--compile applies to the patch and async methods, not to --method {name}.")
     return methods

@@ -287,10 +287,6 @@ class AsyncDenoise(ParallelMethod):
         self.split: Split | None = None
         self.state: _State | None = None
 
-    @property
-    def compile(self) -> bool | dict:
-        return self.execution.compile
-
     def degree(self) -> int | None:
         return None if self.components is None else self.components + self.stride - 1
 

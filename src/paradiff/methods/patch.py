@@ -76,10 +76,6 @@ class PatchParallel(ParallelMethod):
         self.bucket_mb = bucket_mb
         self.hook: PatchHook | None = None
 
-    @property
-    def compile(self) -> bool | dict:
-        return self.execution.compile
-
     def apply(self, target: Parallelized) -> None:
         from diffusers import UNet2DConditionModel
 

@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -262,19 +262,6 @@ class VideoSink:
 
     def close(self) -> None:
         self._writer.close()
-
-
-class CallbackSink:
-    def __init__(self, fn: Callable[[np.ndarray], None]):
-        self.fn = fn
-        self.count = 0
-
-    def write(self, frame: np.ndarray) -> None:
-        self.fn(frame)
-        self.count += 1
-
-    def close(self) -> None:
-        pass
 
 
 def open_sink(spec: str, fps: float = 30.0):

@@ -122,7 +122,7 @@ def _folder_frames(paths: list[Path], size) -> Iterator[np.ndarray]:
             yield _fit(np.asarray(image.convert("RGB")), size)
 
 
-def _video_frames(path: str, size) -> tuple[Iterator[np.ndarray], float]:
+def _video_frames(path: str, size, name: str) -> tuple[Iterator[np.ndarray], float]:
     try:
         import imageio.v3 as iio
 
@@ -144,7 +144,7 @@ def _video_frames(path: str, size) -> tuple[Iterator[np.ndarray], float]:
     except ImportError:
         pass
     except StopIteration:
-        raise UserError(f"--input {path}: the video has no frames.") from None
+        raise UserError(f"source {name!r}: the video has no frames.") from None
     except Exception as err:  # noqa: BLE001 - try OpenCV before giving up
         imageio_error = err
     else:  # pragma: no cover
@@ -153,17 +153,17 @@ def _video_frames(path: str, size) -> tuple[Iterator[np.ndarray], float]:
         import cv2
     except ImportError:
         raise UserError(
-            f"--input {path}: cannot read this video ({type(imageio_error).__name__}: {imageio_error}); "
+            f"source {name!r}: cannot read this video ({type(imageio_error).__name__}: {imageio_error}); "
             "install imageio-ffmpeg or opencv-python."
         ) from None
-    return _cv2_frames(cv2.VideoCapture(path), size, path)
+    return _cv2_frames(cv2.VideoCapture(path), size, name)
 
 
 def _cv2_frames(cap, size, name) -> tuple[Iterator[np.ndarray], float]:
     import cv2
 
     if not cap.isOpened():
-        raise UserError(f"--input {name}: OpenCV could not open it.")
+        raise UserError(f"source {name!r}: OpenCV could not open it.")
     fps = cap.get(cv2.CAP_PROP_FPS) or 30.0
 
     def gen():
@@ -185,7 +185,7 @@ def open_source(spec: str, size: tuple[int, int] | None = None) -> Source:
         try:
             import cv2
         except ImportError:
-            raise UserError("--input webcam needs OpenCV: pip install opencv-python.") from None
+            raise UserError(f"source {spec!r} needs OpenCV: pip install opencv-python.") from None
         index = int(spec.split(":", 1)[1]) if ":" in spec else 0
         frames, fps = _cv2_frames(cv2.VideoCapture(index), size, spec)
         return Source(frames, fps, live=True)
@@ -193,7 +193,7 @@ def open_source(spec: str, size: tuple[int, int] | None = None) -> Source:
         try:
             import mss
         except ImportError:
-            raise UserError("--input screen needs mss: pip install mss.") from None
+            raise UserError(f"source {spec!r} needs mss: pip install mss.") from None
 
         def grab():
             with mss.mss() as shot:
@@ -206,13 +206,13 @@ def open_source(spec: str, size: tuple[int, int] | None = None) -> Source:
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
-            raise UserError(f"--input {spec}: the folder has no images ({', '.join(IMAGE_EXTENSIONS)}).")
+            raise UserError(f"source {spec!r}: the folder has no images ({', '.join(IMAGE_EXTENSIONS)}).")
         return Source(_folder_frames(files, size), 30.0, live=False, length=len(files))
     if not path.exists():
-        raise UserError(f"--input {spec}: no such file or folder (or use webcam, webcam:N, screen).")
+        raise UserError(f"source {spec!r}: no such file or folder (or use webcam, webcam:N, screen).")
     if path.suffix.lower() in IMAGE_EXTENSIONS:
         return Source(_folder_frames([path], size), 30.0, live=False, length=1)
-    frames, fps = _video_frames(str(path), size)
+    frames, fps = _video_frames(str(path), size, spec)
     return Source(frames, fps, live=False)
 
 
@@ -242,7 +242,7 @@ class VideoSink:
         try:
             import imageio.v2 as imageio
         except ImportError:
-            raise UserError(f"-o {path}: writing video needs imageio (pip install imageio imageio-ffmpeg).") from None
+            raise UserError(f"sink {path!r}: writing video needs imageio (pip install imageio imageio-ffmpeg).") from None
         self.path = path
         kwargs: dict[str, Any] = {"fps": fps}
         if path.lower().endswith(".gif"):
@@ -252,7 +252,7 @@ class VideoSink:
         try:
             self._writer = imageio.get_writer(path, **kwargs)
         except Exception as err:  # noqa: BLE001 - missing backend or unknown format
-            raise UserError(f"-o {path}: cannot write this video format ({err}); install imageio-ffmpeg, or write "
+            raise UserError(f"sink {path!r}: cannot write this video format ({err}); install imageio-ffmpeg, or write "
                             "to a folder.") from None
         self.count = 0
 
@@ -269,10 +269,10 @@ def open_sink(spec: str, fps: float = 30.0):
     if Path(spec).suffix.lower() in VIDEO_EXTENSIONS:
         parent = Path(spec).expanduser().resolve().parent
         if not parent.is_dir():
-            raise UserError(f"-o {spec}: folder {parent} does not exist.")
+            raise UserError(f"sink {spec!r}: folder {parent} does not exist.")
         return VideoSink(spec, fps)
     if Path(spec).suffix and Path(spec).suffix.lower() in IMAGE_EXTENSIONS:
-        raise UserError(f"-o {spec}: give a video file ({', '.join(VIDEO_EXTENSIONS)}) or a folder, not an image.")
+        raise UserError(f"sink {spec!r}: give a video file ({', '.join(VIDEO_EXTENSIONS)}) or a folder, not an image.")
     return FolderSink(spec)
 
 

@@ -33,6 +33,18 @@ def test_folder_without_model_index(tmp_path):
     assert "model_index.json" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_library_errors_name_the_argument_and_the_cli_the_flag(capsys):
+    """`load_pipeline` speaks in API terms; the CLI says the same sentence with the flag the user typed."""
+    from paradiff.cli import main
+    from paradiff.errors import UserError
+    from paradiff.pipelines import load_pipeline
+
+    with pytest.raises(UserError, match=r"^model='/no/such/folder': no such folder\.$"):
+        load_pipeline("/no/such/folder")
+    assert main(["generate", "x", "--model", "/no/such/folder"]) == 2
+    assert capsys.readouterr().err.strip() == "paradiff: error: --model /no/such/folder: no such folder."
+
+
 def test_generate_on_a_saved_pipeline_folder(tiny_pipeline_dir, tmp_path):
     out = tmp_path / "out.png"
     proc, _ = run_cli("generate", "a red circle", "--model", str(tiny_pipeline_dir), "--steps", "2",

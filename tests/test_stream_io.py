@@ -209,6 +209,27 @@ def test_cli_stream_folder_to_folder(tmp_path, capsys):
     assert main(["stream", "--tiny", "--input", str(frames), "--prompt", "x"]) == 2
 
 
+def test_io_errors_name_the_source_and_the_cli_the_flag(tmp_path, capsys):
+    """`open_source`/`open_sink` speak of the source and the sink; `paradiff stream` of --input and -o."""
+    from PIL import Image
+
+    from paradiff.cli import main
+
+    missing = str(tmp_path / "missing.mp4")
+    with pytest.raises(UserError, match=r"^source '.*missing\.mp4': no such file"):
+        io.open_source(missing)
+    with pytest.raises(UserError, match=r"^sink 'out\.png': give a video file"):
+        io.open_sink("out.png")
+    args = ["stream", "--tiny", "--prompt", "x", "--size", "64", "--device", "cpu"]
+    assert main(args + ["--input", missing, "-o", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.startswith(f"paradiff: error: --input {missing}: no such file")
+    frames = tmp_path / "in"
+    frames.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(frames / "0.png")
+    assert main(args + ["--input", str(frames), "-o", "out.png"]) == 2
+    assert capsys.readouterr().err.startswith("paradiff: error: -o out.png: give a video file")
+
+
 def test_host_frames_are_filtered_on_the_host_and_skips_cost_no_step():
     from paradiff import StreamPipeline
     from paradiff.stream.tiny import tiny_pipeline

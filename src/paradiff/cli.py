@@ -24,13 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"paradiff {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"paradiff.commands.{name}")
-        except ModuleNotFoundError as err:
-            if err.name == f"paradiff.commands.{name}":
-                continue  # command not built yet
-            raise
-        module.add_parser(sub)
+        importlib.import_module(f"paradiff.commands.{name}").add_parser(sub)
     return parser
 
 
@@ -57,25 +51,36 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", module="huggingface_hub")
 
 
+def _launch_or_run(args: argparse.Namespace, argv: list[str]) -> int:
+    """Start `--nproc N` ranks that re-run this command line (after the launch checks), or run it in this process."""
+    import os
+
+    from paradiff import launch
+
+    nproc = getattr(args, "nproc", None)
+    if nproc is not None and nproc > 1 and not launch.in_launched_job() and not getattr(args, "explain", False):
+        check = getattr(args, "check_before_launch", None)
+        if check is not None:
+            check(args)
+        return launch.launch(nproc, argv)
+    if nproc is not None and launch.in_launched_job():
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if nproc != world:
+            raise UserError(f"--nproc {nproc} does not match the {world} ranks this job was started with.")
+    return args.run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run `paradiff ARGS`: the command's exit status, 2 for a user mistake (one line on stderr), 1 for a failed
+    collective, 130 when interrupted."""
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
-    from paradiff import launch, runtime
+    from paradiff import runtime
 
     try:
-        nproc = getattr(args, "nproc", None)
-        if nproc is not None and nproc > 1 and not launch.in_launched_job() and not getattr(args, "explain", False):
-            check = getattr(args, "check_before_launch", None)
-            if check is not None:
-                check(args)
-            return launch.launch(nproc, argv)
-        if nproc is not None and launch.in_launched_job():
-            world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
-            if nproc != world:
-                raise UserError(f"--nproc {nproc} does not match the {world} ranks this job was started with.")
-        return args.run(args)
+        return _launch_or_run(args, argv)
     except UserError as err:
         print(f"paradiff: error: {err}", file=sys.stderr)
         return 2

@@ -129,10 +129,11 @@ def _from_main_rank(images: list, device) -> list:
     every rank scores the same images so that all return the same report."""
     import numpy as np
     import torch
-    import torch.distributed as dist
+
+    from paradiff.comm import broadcast_
 
     stacked = torch.from_numpy(np.stack(images)).to(device)
-    dist.broadcast(stacked, src=0)
+    broadcast_(stacked, src=0, what="rank 0's evaluated images")
     return list(stacked.cpu().numpy())
 
 
@@ -167,6 +168,91 @@ def _failed_attrs(r) -> list[str] | None:
     return bad
 
 
+def _quiet(pipe) -> None:
+    """No per-step progress bars: the evaluation prints one report."""
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+
+
+def _serial_and_method(pipe, methods, pairs, gen_kw) -> tuple[list, float, list, float, int]:
+    """Images and seconds of a serial copy, then of `pipe` parallelized with `methods`; and the world size.
+
+    The copy is taken before `parallelize` installs any wrapper, and runs on every rank (redundantly), so that no
+    rank waits at a collective while rank 0 works alone.
+    """
+    from paradiff import runtime
+    from paradiff.parallel import parallelize
+
+    serial = copy.deepcopy(pipe)
+    rt = runtime.init()
+    serial.to(rt.device)
+    _quiet(serial)
+    serial_images, serial_s = _generate(serial, pairs, **gen_kw)
+    del serial
+    parallelize(pipe, *methods)
+    _quiet(pipe)
+    method_images, method_s = _generate(pipe, pairs, **gen_kw)
+    if rt.world_size > 1:
+        method_images = _from_main_rank(method_images, rt.device)
+    return serial_images, serial_s, method_images, method_s, rt.world_size
+
+
+def _match(check_result) -> bool | None:
+    return None if check_result is None else bool(check_result.matched)
+
+
+def _rows(pairs, seed, serial_images, method_images) -> tuple[list[dict], dict | None, dict | None]:
+    """Per-prompt rows (adherence of each run, fidelity of the method to serial) and each run's adherence summary."""
+    serial_checks, serial_summary = _adherence(pairs, serial_images)
+    method_checks, method_summary = ([None] * len(pairs), None)
+    if method_images is not None:
+        method_checks, method_summary = _adherence(pairs, method_images)
+    rows = []
+    for i, (prompt, s) in enumerate(pairs):
+        row = {"prompt": prompt, "seed": s + seed, "serial_match": _match(serial_checks[i]),
+               "serial_failed": _failed_attrs(serial_checks[i])}
+        if method_images is not None:
+            row.update(compare_images(serial_images[i], method_images[i]))
+            row["method_match"] = _match(method_checks[i])
+            row["method_failed"] = _failed_attrs(method_checks[i])
+        rows.append(row)
+    return rows, serial_summary, method_summary
+
+
+def _vs_serial(rows: list[dict]) -> dict:
+    """Fidelity over all prompts; identical images (infinite PSNR) are counted, not averaged."""
+    ps = [r["psnr"] for r in rows]
+    ss = [r["ssim"] for r in rows]
+    finite = [p for p in ps if not math.isinf(p)]
+    have_ssim = all(v is not None for v in ss)
+    return {
+        "psnr_mean": (sum(finite) / len(finite)) if finite else math.inf,
+        "psnr_min": min(ps),
+        "identical_images": sum(math.isinf(p) for p in ps),
+        "ssim_mean": (sum(ss) / len(ss)) if have_ssim else None,
+        "ssim_min": min(ss) if have_ssim else None,
+        "max_abs_diff": max(r["max_abs_diff"] for r in rows),
+    }
+
+
+def _notes(rows: list[dict], vs_serial: dict | None, serial_summary: dict | None) -> list[str]:
+    """What the report leaves out and why, so a missing number is never mistaken for a measured one."""
+    notes = ["LPIPS, FID and CLIP score skipped: they need downloaded network weights, which are not available "
+             "offline; fidelity is PSNR/SSIM/max-abs-diff against the serial output."]
+    if vs_serial is not None:
+        if vs_serial["ssim_mean"] is None:
+            notes.append("SSIM skipped: scikit-image is not installed (pip install scikit-image).")
+        if 0 < vs_serial["identical_images"] < len(rows):
+            notes.append("psnr_mean averages the non-identical images; identical ones are counted separately.")
+    if serial_summary is None:
+        notes.append("prompt adherence skipped: no prompt follows the shapes grammar of the reference checker.")
+    return notes
+
+
+def _model_name(pipe) -> str | None:
+    return getattr(getattr(pipe, "config", None), "_name_or_path", None) or getattr(pipe, "name_or_path", None)
+
+
 def evaluate(
     pipe,
     methods: Sequence[Any] = (),
@@ -195,87 +281,24 @@ def evaluate(
     guidance = default_guidance(pipe) if guidance is None else float(guidance)
     methods = list(methods)
     gen_kw = dict(seed=seed, steps=steps, guidance=guidance, height=height, width=width, call_kwargs=call_kwargs)
-
     if methods:
-        serial = copy.deepcopy(pipe)  # before parallelize() installs any wrapper
-        from paradiff import runtime
-        from paradiff.parallel import parallelize
-
-        rt = runtime.init()
-        serial.to(rt.device)
-        if hasattr(serial, "set_progress_bar_config"):
-            serial.set_progress_bar_config(disable=True)
-        serial_images, serial_s = _generate(serial, pairs, **gen_kw)
-        del serial
-        parallelize(pipe, *methods)
-        if hasattr(pipe, "set_progress_bar_config"):
-            pipe.set_progress_bar_config(disable=True)
-        method_images, method_s = _generate(pipe, pairs, **gen_kw)
-        world = rt.world_size
-        if world > 1:
-            method_images = _from_main_rank(method_images, rt.device)
+        serial_images, serial_s, method_images, method_s, world = _serial_and_method(pipe, methods, pairs, gen_kw)
     else:
-        if hasattr(pipe, "set_progress_bar_config"):
-            pipe.set_progress_bar_config(disable=True)
+        _quiet(pipe)
         serial_images, serial_s = _generate(pipe, pairs, **gen_kw)
         method_images, method_s, world = None, None, 1
-
-    serial_checks, serial_summary = _adherence(pairs, serial_images)
-    rows = []
-    method_checks, method_summary = ([None] * len(pairs), None)
-    if method_images is not None:
-        method_checks, method_summary = _adherence(pairs, method_images)
-    for i, (prompt, s) in enumerate(pairs):
-        row = {"prompt": prompt, "seed": s + seed,
-               "serial_match": None if serial_checks[i] is None else bool(serial_checks[i].matched),
-               "serial_failed": _failed_attrs(serial_checks[i])}
-        if method_images is not None:
-            row.update(compare_images(serial_images[i], method_images[i]))
-            row["method_match"] = None if method_checks[i] is None else bool(method_checks[i].matched)
-            row["method_failed"] = _failed_attrs(method_checks[i])
-        rows.append(row)
-
-    vs_serial = None
-    notes = ["LPIPS, FID and CLIP score skipped: they need downloaded network weights, which are not available "
-             "offline; fidelity is PSNR/SSIM/max-abs-diff against the serial output."]
-    if method_images is not None:
-        ps = [r["psnr"] for r in rows]
-        ss = [r["ssim"] for r in rows]
-        finite = [p for p in ps if not math.isinf(p)]
-        vs_serial = {
-            "psnr_mean": (sum(finite) / len(finite)) if finite else math.inf,
-            "psnr_min": min(ps),
-            "identical_images": sum(math.isinf(p) for p in ps),
-            "ssim_mean": (sum(ss) / len(ss)) if all(v is not None for v in ss) else None,
-            "ssim_min": min(ss) if all(v is not None for v in ss) else None,
-            "max_abs_diff": max(r["max_abs_diff"] for r in rows),
-        }
-        if vs_serial["ssim_mean"] is None:
-            notes.append("SSIM skipped: scikit-image is not installed (pip install scikit-image).")
-        if finite and len(finite) < len(ps):
-            notes.append("psnr_mean averages the non-identical images; identical ones are counted separately.")
-    if serial_summary is None:
-        notes.append("prompt adherence skipped: no prompt follows the shapes grammar of the reference checker.")
-
+    rows, serial_summary, method_summary = _rows(pairs, seed, serial_images, method_images)
+    vs_serial = None if method_images is None else _vs_serial(rows)
     result = {
-        "config": {
-            "model": getattr(getattr(pipe, "config", None), "_name_or_path", None) or getattr(pipe, "name_or_path", None),
-            "pipeline": type(pipe).__name__,
-            "methods": [repr(m) for m in methods],
-            "world_size": world,
-            "prompts": len(pairs),
-            "steps": steps,
-            "guidance": guidance,
-            "seed": seed,
-            "height": height,
-            "width": width,
-        },
+        "config": {"model": _model_name(pipe), "pipeline": type(pipe).__name__, "methods": [repr(m) for m in methods],
+                   "world_size": world, "prompts": len(pairs), "steps": steps, "guidance": guidance, "seed": seed,
+                   "height": height, "width": width},
         "serial": serial_summary,
         "method": method_summary,
         "vs_serial": vs_serial,
         "seconds": {"serial": round(serial_s, 2), "method": None if method_s is None else round(method_s, 2)},
         "rows": rows,
-        "notes": notes,
+        "notes": _notes(rows, vs_serial, serial_summary),
     }
     if keep_images:
         result["images"] = {"serial": serial_images, "method": method_images}

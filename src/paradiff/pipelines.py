@@ -59,13 +59,13 @@ def _load_config(model: str) -> dict:
     except Exception:  # noqa: BLE001 - not cached: try the hub below
         pass
     if not hub_reachable():
-        raise UserError(f"--model {model}: not a local folder, not in the Hugging Face cache, and the hub cannot be "
+        raise UserError(f"model={model!r}: not a local folder, not in the Hugging Face cache, and the hub cannot be "
                         "reached from this machine (offline). Give a local diffusers folder.")
     try:
         return DiffusionPipeline.load_config(model)
     except Exception as err:  # noqa: BLE001 - hub errors come in many types; the user needs one sentence
         reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise UserError(f"--model {model}: the hub could not provide it ({reason}).") from None
+        raise UserError(f"model={model!r}: the hub could not provide it ({reason}).") from None
 
 
 def load_pipeline(model: str | None = None, *, dtype: Any = None, pipeline_class: Any = None):
@@ -76,14 +76,14 @@ def load_pipeline(model: str | None = None, *, dtype: Any = None, pipeline_class
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise UserError(f"--model {model}: is a file; give a diffusers pipeline folder or a hub id.")
+            raise UserError(f"model={model!r}: is a file; give a diffusers pipeline folder or a hub id.")
         if not (path / "model_index.json").is_file():
             raise UserError(
-                f"--model {model}: folder has no model_index.json, so it is not a diffusers pipeline folder."
+                f"model={model!r}: folder has no model_index.json, so it is not a diffusers pipeline folder."
             )
         model = str(path)
     elif _looks_like_path(model):
-        raise UserError(f"--model {model}: no such folder.")
+        raise UserError(f"model={model!r}: no such folder.")
     cls = pipeline_class or DiffusionPipeline
     config = _load_config(model)
     extra = {}

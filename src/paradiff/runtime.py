@@ -129,10 +129,6 @@ def is_main_process() -> bool:
     return _env_int("RANK", 0) == 0
 
 
-def world_size() -> int:
-    return get().world_size
-
-
 def mesh(dims: dict[str, int]):
     """A `DeviceMesh` over all ranks with named dimensions, e.g. `mesh({"cfg": 2, "patch": 2})`.
 

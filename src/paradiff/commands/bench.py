@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-from paradiff.commands.common import add_parallel_args, image_size, non_negative_int, positive_int
+from paradiff.commands.common import (add_parallel_args, image_size, load_model, methods_from_args, non_negative_int,
+                                      positive_int)
 
 VARIANTS = ("eager", "compiled")
 
@@ -63,9 +64,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from paradiff import archs, bench, runtime
-    from paradiff.commands.common import methods_from_args
     from paradiff.parallel import parallelize
-    from paradiff.pipelines import load_pipeline, torch_dtype
+    from paradiff.pipelines import torch_dtype
 
     rt = runtime.init(args.device)
     dtype = torch_dtype(args.dtype, rt.device)
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
         stride = args.stride or 1
         components = max(1, (args.nproc or 2) - (stride - 1))  # the paper's rule: N + stride - 1 ranks
-        model = archs.build_model(arch, device="meta") if arch else load_pipeline(args.model).unet
+        model = archs.build_model(arch, device="meta") if arch else load_model(args).unet
         print(explain_split(model, components))
         return 0
 
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     what = ("step", "e2e") if args.what == "all" else (args.what,)
     if "step" in what and not methods:
         model = archs.build_model(arch, dtype=dtype, device=rt.device) if arch else \
-            load_pipeline(args.model, dtype=dtype).unet.to(rt.device)
+            load_model(args, dtype=dtype).unet.to(rt.device)
         height, width = args.size or _native_size(model)
         rows += bench.bench_denoiser(model, batch=args.batch, height=height, width=width, dtype=dtype,
                                      device=rt.device, variants=args.variants, runs=args.runs, warmup=args.warmup,
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         del model
     if "e2e" in what or methods:
         pipe = archs.build_pipeline(arch, dtype=dtype, device=rt.device) if arch else \
-            load_pipeline(args.model, dtype=dtype).to(rt.device)
+            load_model(args, dtype=dtype).to(rt.device)
         pipe.set_progress_bar_config(disable=True)
         denoiser = pipe.unet
         height, width = args.size or _native_size(denoiser)

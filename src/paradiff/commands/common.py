@@ -89,16 +89,42 @@ def check_before_launch(args: argparse.Namespace) -> None:
     methods_from_args(args)  # validates the method options before any rank starts
 
 
+class SaidWithFlag:
+    """Library errors name arguments (`model='x': ...`); re-say the ones about `api` with the flag typed (`--model x`).
+
+    A context manager, reusable: `with SaidWithFlag(f"model={value!r}", f"--model {value}"): ...`.
+    """
+
+    def __init__(self, api: str, flag: str):
+        self.api, self.flag = api, flag
+
+    def __enter__(self) -> "SaidWithFlag":
+        return self
+
+    def __exit__(self, kind, err, traceback) -> bool:
+        if isinstance(err, UserError) and str(err).startswith(self.api):
+            raise UserError(self.flag + str(err)[len(self.api):]) from None
+        return False
+
+
+def load_model(args: argparse.Namespace, model: str | None = None, dtype=None):
+    """`load_pipeline` on `model` (default: --model); an error about the --model the user typed names the flag."""
+    from paradiff.pipelines import load_pipeline
+
+    with SaidWithFlag(f"model={args.model!r}", f"--model {args.model}"):
+        return load_pipeline(model or args.model, dtype=dtype)
+
+
 def load_for_command(args: argparse.Namespace, model: str | None):
     """What generate/eval share: this rank's runtime, the parallel methods the flags ask for, the loaded pipeline."""
     from paradiff import runtime
-    from paradiff.pipelines import load_pipeline, torch_dtype
+    from paradiff.pipelines import torch_dtype
 
     rt = runtime.init(args.device)
     methods = methods_from_args(args)
     if rt.world_size > 1 and not methods:
         raise UserError(f"this job has {rt.world_size} ranks; choose a parallel --method.")
-    return rt, methods, load_pipeline(model, dtype=torch_dtype(args.dtype, rt.device))
+    return rt, methods, load_model(args, model, dtype=torch_dtype(args.dtype, rt.device))
 
 
 def methods_from_args(args: argparse.Namespace) -> list:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from paradiff.commands.common import add_model_args, image_size, non_negative_int, positive_int
+from paradiff.commands.common import (SaidWithFlag, add_model_args, image_size, load_model, non_negative_int,
+                                      positive_int)
 
 
 def t_index_list(text: str) -> list[int]:
@@ -81,8 +82,6 @@ def _load(args, device, dtype):
         from paradiff.archs import build_pipeline
 
         return build_pipeline(args.arch, dtype=dtype, device=device)
-    from paradiff.pipelines import load_pipeline
-
     model = args.model
     if model is None:
         from paradiff.reference import FAST_MODEL
@@ -91,7 +90,7 @@ def _load(args, device, dtype):
             raise UserError("the embedded few-step reference model is not in this install; pass --model (e.g. "
                             "stabilityai/sd-turbo), or --arch sd-turbo / --tiny for random weights.")
         model = FAST_MODEL
-    pipe = load_pipeline(model, dtype=dtype)
+    pipe = load_model(args, model, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -154,11 +153,16 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from paradiff.stream import io
 
+    as_input = SaidWithFlag(f"source {args.input!r}", f"--input {args.input}")
+    as_output = SaidWithFlag(f"sink {args.output!r}", f"-o {args.output}")
     if not (args.input.startswith("webcam") or args.input == "screen"):
-        io.open_source(args.input, None).frames.close()  # a bad input fails before the model loads
+        with as_input:
+            io.open_source(args.input, None).frames.close()  # a bad input fails before the model loads
     stream = build_stream(args)
-    source = io.open_source(args.input, (stream.height, stream.width))
-    sink = io.open_sink(args.output, source.fps)
+    with as_input:
+        source = io.open_source(args.input, (stream.height, stream.width))
+    with as_output:
+        sink = io.open_sink(args.output, source.fps)
     stats = io.run(stream, source, sink, queue_size=args.queue, drop=True if args.realtime else None,
                    max_frames=args.max_frames)
     print(f"wrote {args.output}: {stats.frames_out} frames at {stats.fps:.1f} frames/s "

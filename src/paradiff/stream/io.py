@@ -122,7 +122,7 @@ def _folder_frames(paths: list[Path], size) -> Iterator[np.ndarray]:
             yield _fit(np.asarray(image.convert("RGB")), size)
 
 
-def _video_frames(path: str, size) -> tuple[Iterator[np.ndarray], float]:
+def _video_frames(path: str, size, name: str) -> tuple[Iterator[np.ndarray], float]:
     try:
         import imageio.v3 as iio
 
@@ -144,7 +144,7 @@ def _video_frames(path: str, size) -> tuple[Iterator[np.ndarray], float]:
     except ImportError:
         pass
     except StopIteration:
-        raise UserError(f"--input {path}: the video has no frames.") from None
+        raise UserError(f"source {name!r}: the video has no frames.") from None
     except Exception as err:  # noqa: BLE001 - try OpenCV before giving up
         imageio_error = err
     else:  # pragma: no cover
@@ -153,17 +153,17 @@ def _video_frames(path: str, size) -> tuple[Iterator[np.ndarray], float]:
         import cv2
     except ImportError:
         raise UserError(
-            f"--input {path}: cannot read this video ({type(imageio_error).__name__}: {imageio_error}); "
+            f"source {name!r}: cannot read this video ({type(imageio_error).__name__}: {imageio_error}); "
             "install imageio-ffmpeg or opencv-python."
         ) from None
-    return _cv2_frames(cv2.VideoCapture(path), size, path)
+    return _cv2_frames(cv2.VideoCapture(path), size, name)
 
 
 def _cv2_frames(cap, size, name) -> tuple[Iterator[np.ndarray], float]:
     import cv2
 
     if not cap.isOpened():
-        raise UserError(f"--input {name}: OpenCV could not open it.")
+        raise UserError(f"source {name!r}: OpenCV could not open it.")
     fps = cap.get(cv2.CAP_PROP_FPS) or 30.0
 
     def gen():
@@ -185,7 +185,7 @@ def open_source(spec: str, size: tuple[int, int] | None = None) -> Source:
         try:
             import cv2
         except ImportError:
-            raise UserError("--input webcam needs OpenCV: pip install opencv-python.") from None
+            raise UserError(f"source {spec!r} needs OpenCV: pip install opencv-python.") from None
         index = int(spec.split(":", 1)[1]) if ":" in spec else 0
         frames, fps = _cv2_frames(cv2.VideoCapture(index), size, spec)
         return Source(frames, fps, live=True)
@@ -193,7 +193,7 @@ def open_source(spec: str, size: tuple[int, int] | None = None) -> Source:
         try:
             import mss
         except ImportError:
-            raise UserError("--input screen needs mss: pip install mss.") from None
+            raise UserError(f"source {spec!r} needs mss: pip install mss.") from None
 
         def grab():
             with mss.mss() as shot:
@@ -206,13 +206,13 @@ def open_source(spec: str, size: tuple[int, int] | None = None) -> Source:
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
-            raise UserError(f"--input {spec}: the folder has no images ({', '.join(IMAGE_EXTENSIONS)}).")
+            raise UserError(f"source {spec!r}: the folder has no images ({', '.join(IMAGE_EXTENSIONS)}).")
         return Source(_folder_frames(files, size), 30.0, live=False, length=len(files))
     if not path.exists():
-        raise UserError(f"--input {spec}: no such file or folder (or use webcam, webcam:N, screen).")
+        raise UserError(f"source {spec!r}: no such file or folder (or use webcam, webcam:N, screen).")
     if path.suffix.lower() in IMAGE_EXTENSIONS:
         return Source(_folder_frames([path], size), 30.0, live=False, length=1)
-    frames, fps = _video_frames(str(path), size)
+    frames, fps = _video_frames(str(path), size, spec)
     return Source(frames, fps, live=False)
 
 
@@ -242,7 +242,7 @@ class VideoSink:
         try:
             import imageio.v2 as imageio
         except ImportError:
-            raise UserError(f"-o {path}: writing video needs imageio (pip install imageio imageio-ffmpeg).") from None
+            raise UserError(f"sink {path!r}: writing video needs imageio (pip install imageio imageio-ffmpeg).") from None
         self.path = path
         kwargs: dict[str, Any] = {"fps": fps}
         if path.lower().endswith(".gif"):
@@ -252,7 +252,7 @@ class VideoSink:
         try:
             self._writer = imageio.get_writer(path, **kwargs)
         except Exception as err:  # noqa: BLE001 - missing backend or unknown format
-            raise UserError(f"-o {path}: cannot write this video format ({err}); install imageio-ffmpeg, or write "
+            raise UserError(f"sink {path!r}: cannot write this video format ({err}); install imageio-ffmpeg, or write "
                             "to a folder.") from None
         self.count = 0
 
@@ -264,34 +264,23 @@ class VideoSink:
         self._writer.close()
 
 
-class CallbackSink:
-    def __init__(self, fn: Callable[[np.ndarray], None]):
-        self.fn = fn
-        self.count = 0
-
-    def write(self, frame: np.ndarray) -> None:
-        self.fn(frame)
-        self.count += 1
-
-    def close(self) -> None:
-        pass
-
-
 def open_sink(spec: str, fps: float = 30.0):
     """A video file if `spec` has a video extension, else a folder of PNGs."""
     if Path(spec).suffix.lower() in VIDEO_EXTENSIONS:
         parent = Path(spec).expanduser().resolve().parent
         if not parent.is_dir():
-            raise UserError(f"-o {spec}: folder {parent} does not exist.")
+            raise UserError(f"sink {spec!r}: folder {parent} does not exist.")
         return VideoSink(spec, fps)
     if Path(spec).suffix and Path(spec).suffix.lower() in IMAGE_EXTENSIONS:
-        raise UserError(f"-o {spec}: give a video file ({', '.join(VIDEO_EXTENSIONS)}) or a folder, not an image.")
+        raise UserError(f"sink {spec!r}: give a video file ({', '.join(VIDEO_EXTENSIONS)}) or a folder, not an image.")
     return FolderSink(spec)
 
 
 # ------------------------------------------------------------------------------------------------ the loop
 @dataclass
 class RunStats:
+    """What `run` did: frames read and written, dropped (live sources) and skipped (similarity filter)."""
+
     frames_in: int = 0
     frames_out: int = 0
     dropped: int = 0
@@ -336,6 +325,128 @@ class _Transfer:
         return buf, event
 
 
+def _read(source: Source, in_q: FrameQueue, stats: RunStats, stop: threading.Event, max_frames: int | None) -> None:
+    """Reader thread: the source's frames into `in_q` until it ends, `stop` is set or `max_frames` are read.
+
+    A failure is recorded, not raised: the main thread reports it after the frames already read are written.
+    """
+    try:
+        for i, frame in enumerate(source.frames):
+            if stop.is_set() or (max_frames is not None and i >= max_frames):
+                break
+            in_q.put(frame)
+            stats.frames_in += 1
+    except Closed:
+        pass
+    except Exception as err:  # noqa: BLE001 - reported by the main thread
+        stats.errors.append(f"reading frames failed: {type(err).__name__}: {err}")
+    finally:
+        in_q.close()
+
+
+def _write(sink: Any, out_q: FrameQueue, stats: RunStats, stop: threading.Event) -> None:
+    """Writer thread: frames from `out_q` into `sink`; a failing sink stops the run (nothing more can be kept)."""
+    try:
+        while True:
+            sink.write(out_q.get())
+    except Closed:
+        pass
+    except Exception as err:  # noqa: BLE001 - reported by the main thread
+        stats.errors.append(f"writing frames failed: {type(err).__name__}: {err}")
+        stop.set()
+
+
+def _thread(target: Callable, *args: Any) -> threading.Thread:
+    """A started daemon thread: a stuck source or sink must not keep the process alive."""
+    thread = threading.Thread(target=target, args=args, daemon=True)
+    thread.start()
+    return thread
+
+
+def _next_batch(in_q: FrameQueue, size: int) -> list | None:
+    """`size` frames from `in_q`, the last repeated if the source ends mid-batch; None once it has ended."""
+    batch: list = []
+    try:
+        while len(batch) < size:
+            batch.append(in_q.get())
+    except Closed:
+        if not batch:
+            return None
+    return batch + [batch[-1]] * (size - len(batch))
+
+
+class _Loop:
+    """The GPU side of `run`: one step in flight while the previous step's frames go to the writer.
+
+    With `lag` (aligned runs), the first `lag` steps' outputs are warm-up and dropped, and `finish` pushes the
+    last frame through `lag` more steps, so output frame i is input frame i.
+    """
+
+    def __init__(self, stream: Any, out_q: FrameQueue, stats: RunStats, bar: Any, lag: int):
+        self.stream, self.out_q, self.stats, self.bar, self.lag = stream, out_q, stats, bar, lag
+        self.size = stream.frame_buffer_size
+        self.transfer = _Transfer((self.size, stream.height, stream.width, 3), stream.device)
+        self.pending: list[tuple[Any, Any]] = []  # (host buffer, event) of the steps not yet emitted
+        self.to_discard = lag * self.size
+        self.keep = 1 << 62  # until the source ends, keep everything
+        self.last: np.ndarray | None = None
+        self.start = time.perf_counter()
+
+    def step(self, batch: list) -> None:
+        """One stream step on `batch`; its output is copied back asynchronously and emitted later."""
+        out = self.stream(self.transfer.upload(np.stack(batch)))
+        self.pending.append(self.transfer.download(out))
+
+    def emit(self) -> None:
+        """The oldest pending step's frames to the writer, less warm-up outputs and the padding after the end."""
+        buf, event = self.pending.pop(0)
+        if event is not None:
+            event.synchronize()
+        frames = buf.numpy()
+        for i in range(self.size):
+            if self.to_discard > 0:
+                self.to_discard -= 1
+                continue
+            if self.stats.frames_out >= self.keep:
+                return
+            self.out_q.put(frames[i].copy())
+            self.stats.frames_out += 1
+            if self.bar is not None:
+                self.bar.update(1)
+        if self.bar is not None:
+            fps = self.stats.frames_out / max(time.perf_counter() - self.start, 1e-9)
+            self.bar.set_postfix(fps=f"{fps:.1f}", refresh=False)
+
+    def feed(self, in_q: FrameQueue, stop: threading.Event) -> None:
+        """Step every batch the reader delivers until the source ends, a thread fails or the writer stops."""
+        while not stop.is_set():
+            batch = _next_batch(in_q, self.size)
+            if batch is None:
+                break
+            self.last = batch[-1]
+            self.step(batch)
+            if len(self.pending) > 1:
+                self.emit()
+            if self.stats.errors:
+                break
+
+    def finish(self) -> None:
+        """The source has ended: no padding frames in the output; flush the `lag` steps still in flight."""
+        self.keep = self.stats.frames_in
+        if self.last is not None and self.lag and not self.stats.errors:
+            for _ in range(self.lag):  # push the last frame through the k-1 steps still in flight
+                self.step([self.last] * self.size)
+                self.emit()
+        while self.pending:
+            self.emit()
+
+
+def _progress_bar(total: int | None) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="frame", dynamic_ncols=True, leave=True)
+
+
 def run(stream: Any, source: Source, sink: Any, *, queue_size: int = 4, drop: bool | None = None,
         align: bool | None = None, progress: bool = True, max_frames: int | None = None) -> RunStats:
     """Run `source` through `stream` into `sink`; returns counts and the output frame rate.
@@ -343,107 +454,27 @@ def run(stream: Any, source: Source, sink: Any, *, queue_size: int = 4, drop: bo
     align (default: for non-live sources): drop the k-1 warm-up outputs at the start and flush the buffer with
     the last frame at the end, so output frame i is the stylised input frame i.
     """
-    f = stream.frame_buffer_size
-    lag = (stream.steps - 1) if (source.live is False if align is None else align) else 0
+    align = source.live is False if align is None else align
     drop = source.live if drop is None else drop
-    in_q, out_q = FrameQueue(queue_size, drop=drop), FrameQueue(max(queue_size, 2 * f), drop=False)
-    stats = RunStats()
-    stop = threading.Event()
-
-    def reader():
-        try:
-            for i, frame in enumerate(source.frames):
-                if stop.is_set() or (max_frames is not None and i >= max_frames):
-                    break
-                in_q.put(frame)
-                stats.frames_in += 1
-        except Closed:
-            pass
-        except Exception as err:  # noqa: BLE001 - reported by the main thread
-            stats.errors.append(f"reading frames failed: {type(err).__name__}: {err}")
-        finally:
-            in_q.close()
-
-    def writer():
-        try:
-            while True:
-                sink.write(out_q.get())
-        except Closed:
-            pass
-        except Exception as err:  # noqa: BLE001
-            stats.errors.append(f"writing frames failed: {type(err).__name__}: {err}")
-            stop.set()
-
-    threads = [threading.Thread(target=reader, daemon=True), threading.Thread(target=writer, daemon=True)]
-    for t in threads:
-        t.start()
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=source.length, unit="frame", dynamic_ncols=True, leave=True)
-    transfer = _Transfer((f, stream.height, stream.width, 3), stream.device)
-    pending: list[tuple[Any, Any, int]] = []  # (host buffer, event, frames to keep) of the step in flight
-    to_discard = lag * f
-    start = time.perf_counter()
-
-    def emit(entry) -> None:
-        nonlocal to_discard
-        buf, event, keep = entry
-        if event is not None:
-            event.synchronize()
-        frames = buf.numpy()
-        for i in range(f):
-            if to_discard > 0:
-                to_discard -= 1
-                continue
-            if stats.frames_out >= keep_total[0]:
-                return
-            out_q.put(frames[i].copy())
-            stats.frames_out += 1
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.set_postfix(fps=f"{stats.frames_out / max(time.perf_counter() - start, 1e-9):.1f}", refresh=False)
-
-    keep_total = [1 << 62]  # until the source ends, keep everything
-    last = None
+    in_q = FrameQueue(queue_size, drop=drop)
+    out_q = FrameQueue(max(queue_size, 2 * stream.frame_buffer_size), drop=False)
+    stats, stop = RunStats(), threading.Event()
+    threads = [_thread(_read, source, in_q, stats, stop, max_frames), _thread(_write, sink, out_q, stats, stop)]
+    bar = _progress_bar(source.length) if progress else None
+    loop = _Loop(stream, out_q, stats, bar, lag=stream.steps - 1 if align else 0)
     try:
-        while not stop.is_set():
-            batch = []
-            try:
-                while len(batch) < f:
-                    batch.append(in_q.get())
-            except Closed:
-                if not batch:
-                    break
-            if len(batch) < f:
-                batch += [batch[-1]] * (f - len(batch))
-            last = batch[-1]
-            out = stream(transfer.upload(np.stack(batch)))
-            pending.append(transfer.download(out) + (0,))
-            if len(pending) > 1:
-                emit(pending.pop(0))
-            if stats.errors:
-                break
-        keep_total[0] = stats.frames_in  # the source has ended: no padding frames in the output
-        if last is not None and lag and not stats.errors:
-            for _ in range(lag):  # flush: push the last frame through the k-1 steps still in flight
-                out = stream(transfer.upload(np.stack([last] * f)))
-                pending.append(transfer.download(out) + (0,))
-                emit(pending.pop(0))
-        while pending:
-            emit(pending.pop(0))
+        loop.feed(in_q, stop)
+        loop.finish()
     finally:
         stop.set()
         in_q.close()
         out_q.close()
-        for t in threads:
-            t.join(timeout=30)
+        for thread in threads:
+            thread.join(timeout=30)
         sink.close()
         if bar is not None:
             bar.close()
-    stats.seconds = time.perf_counter() - start
+    stats.seconds = time.perf_counter() - loop.start
     stats.dropped = in_q.dropped
     stats.skipped = stream.stats()["skipped"]
     if stats.errors:

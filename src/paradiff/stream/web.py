@@ -16,6 +16,7 @@ import asyncio
 import io
 import json
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
@@ -26,6 +27,7 @@ from paradiff.stream.io import _fit
 
 MAX_MESSAGE_BYTES = 2 * 1024 * 1024
 MAX_PROMPT_CHARS = 1000
+NEEDS_SERVE = "the web demo needs FastAPI and uvicorn: pip install 'paradiff[serve]'."
 
 
 def _decode(data: bytes, size: tuple[int, int]) -> np.ndarray:
@@ -46,28 +48,155 @@ def _encode(frame: np.ndarray, quality: int = 85) -> bytes:
 
 
 def page_html() -> str:
+    """The demo page (webcam capture, prompt box, output image), shipped with the package."""
     return resources.files("paradiff.stream").joinpath("page.html").read_text(encoding="utf-8")
+
+
+def _current_prompt(stream: Any) -> str:
+    return stream.prompt[0] if stream.prompt else ""
+
+
+def _parse_control(text: str | None) -> tuple[str, str | None, float | None]:
+    """(prompt, negative_prompt, guidance_scale) of a JSON control message; ValueError/KeyError/TypeError if bad."""
+    request = json.loads(text or "")
+    prompt = request["prompt"]
+    negative = request.get("negative_prompt")
+    scale = request.get("guidance_scale")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("prompt must be a non-empty string")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ValueError(f"prompt longer than {MAX_PROMPT_CHARS} characters")
+    if negative is not None and not isinstance(negative, str):
+        raise ValueError("negative_prompt must be a string")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise ValueError("guidance_scale must be a number")
+    return prompt, negative, scale
+
+
+@dataclass
+class _Demo:
+    """What every session shares: the stream, the one GPU worker thread, the one-client lock and the counters."""
+
+    stream: Any
+    max_message_bytes: int
+    stats: dict
+    worker: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="paradiff-stream"))
+    busy: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def process(self, data: bytes) -> bytes:
+        """One encoded frame in, one JPEG out (runs on the worker thread)."""
+        return _encode(self.stream(_decode(data, (self.stream.height, self.stream.width))))
+
+    def change_prompt(self, prompt: str, negative: str | None, scale: float | None) -> None:
+        """Apply a control message (on the worker thread, so it lands between frames)."""
+        self.stream.update_prompt(prompt, negative)
+        if scale is not None:
+            self.stream.set_guidance_scale(scale)
+
+    def health(self) -> dict:
+        return {"ok": True, "prompt": _current_prompt(self.stream), **self.stats}
+
+
+async def _serve_client(demo: _Demo, ws: Any) -> None:
+    """One websocket client: turned away while another streams (the frame buffer holds one video), else served."""
+    await ws.accept()
+    if demo.busy.locked():
+        await ws.send_json({"type": "error", "message": "another client is streaming; try again later."})
+        await ws.close(code=1013)
+        return
+    async with demo.busy:
+        await _Session(demo, ws).run()
+
+
+class _Session:
+    """One client's stream: frames wait (the newest only) for the worker, control messages change the prompt."""
+
+    def __init__(self, demo: _Demo, ws: Any):
+        self.demo, self.ws = demo, ws
+        self.loop = asyncio.get_running_loop()
+        self.waiting: asyncio.Queue = asyncio.Queue(maxsize=1)
+
+    async def run(self) -> None:
+        """Reset the stream (a new video), say ready, then handle messages until the client leaves."""
+        from fastapi import WebSocketDisconnect
+
+        stream = self.demo.stream
+        await self.loop.run_in_executor(self.demo.worker, stream.reset)
+        await self.ws.send_json({"type": "ready", "prompt": _current_prompt(stream), "width": stream.width,
+                                 "height": stream.height, "max_message_bytes": self.demo.max_message_bytes})
+        task = asyncio.create_task(self.pump())
+        try:
+            while True:
+                message = await self.ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                await self.handle(message)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            task.cancel()
+
+    async def reject(self, message: str, frame: bool = False) -> None:
+        """An error reply; the session carries on."""
+        self.demo.stats["rejected"] += 1
+        await self.ws.send_json({"type": "error", "message": message, "frame": frame})
+
+    async def pump(self) -> None:
+        """Send each waiting frame through the worker and its output back, in order; a bad frame is rejected."""
+        while True:
+            data = await self.waiting.get()
+            try:
+                out = await self.loop.run_in_executor(self.demo.worker, self.demo.process, data)
+            except Exception as err:  # noqa: BLE001 - a bad frame must not end the session
+                await self.reject(f"could not process the frame: {type(err).__name__}: {err}", frame=True)
+                continue
+            self.demo.stats["frames"] += 1
+            await self.ws.send_bytes(out)
+
+    async def handle(self, message: dict) -> None:
+        """A binary message is a frame, a text message a control message; either is rejected when over the limit."""
+        data, text = message.get("bytes"), message.get("text")
+        length = len(data) if data is not None else len((text or "").encode())
+        limit = self.demo.max_message_bytes
+        if length > limit:
+            await self.reject(f"message of {length} bytes is over the {limit}-byte limit.", data is not None)
+        elif data is not None:
+            await self.queue_frame(data)
+        else:
+            await self.control(text)
+
+    async def queue_frame(self, data: bytes) -> None:
+        """Keep only the newest waiting frame, so the output stays close to real time; say when one is dropped."""
+        if self.waiting.full():
+            self.waiting.get_nowait()
+            self.demo.stats["dropped"] += 1
+            await self.ws.send_json({"type": "dropped"})
+        self.waiting.put_nowait(data)
+
+    async def control(self, text: str | None) -> None:
+        """Change the prompt (and guidance scale) between frames, and confirm it."""
+        try:
+            prompt, negative, scale = _parse_control(text)
+        except (ValueError, KeyError, TypeError) as err:
+            await self.reject(f"bad control message ({err}); send JSON like {{\"prompt\": \"...\"}}.")
+            return
+        await self.loop.run_in_executor(self.demo.worker, self.demo.change_prompt, prompt, negative, scale)
+        await self.ws.send_json({"type": "prompt", "prompt": prompt})
 
 
 def create_app(stream: Any, *, max_message_bytes: int = MAX_MESSAGE_BYTES):
     """The FastAPI app around a prepared `stream` (img2img, frame_buffer_size 1)."""
     try:
-        from fastapi import FastAPI, WebSocket, WebSocketDisconnect
+        from fastapi import FastAPI, WebSocket
         from fastapi.responses import HTMLResponse
     except ImportError:
-        raise UserError("the web demo needs FastAPI and uvicorn: pip install 'paradiff[serve]'.") from None
+        raise UserError(NEEDS_SERVE) from None
     if stream.frame_buffer_size != 1:
-        raise UserError("the web demo streams one frame at a time; use frame_buffer_size=1 (--frame-buffer 1).")
-
+        raise UserError("the web demo streams one frame at a time; prepare the stream with frame_buffer_size=1.")
     app = FastAPI(title="paradiff stream")
-    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="paradiff-stream")
-    busy = asyncio.Lock()
-    size = (stream.height, stream.width)
     app.state.stats = {"frames": 0, "dropped": 0, "rejected": 0}
-
-    def process(data: bytes) -> bytes:
-        frame = _decode(data, size)
-        return _encode(stream(frame))
+    demo = _Demo(stream, max_message_bytes, app.state.stats)
 
     @app.get("/", response_class=HTMLResponse)
     def index() -> str:
@@ -75,84 +204,11 @@ def create_app(stream: Any, *, max_message_bytes: int = MAX_MESSAGE_BYTES):
 
     @app.get("/health")
     def health() -> dict:
-        return {"ok": True, "prompt": stream.prompt[0] if stream.prompt else "", **app.state.stats}
+        return demo.health()
 
     @app.websocket("/ws")
     async def ws_endpoint(ws: WebSocket) -> None:
-        await ws.accept()
-        if busy.locked():
-            await ws.send_json({"type": "error", "message": "another client is streaming; try again later."})
-            await ws.close(code=1013)
-            return
-        async with busy:
-            loop = asyncio.get_running_loop()
-            waiting: asyncio.Queue = asyncio.Queue(maxsize=1)
-
-            async def reject(message: str, frame: bool = False) -> None:
-                app.state.stats["rejected"] += 1
-                await ws.send_json({"type": "error", "message": message, "frame": frame})
-
-            async def pump() -> None:
-                while True:
-                    data = await waiting.get()
-                    try:
-                        out = await loop.run_in_executor(worker, process, data)
-                    except Exception as err:  # noqa: BLE001 - a bad frame must not end the session
-                        await reject(f"could not process the frame: {type(err).__name__}: {err}", frame=True)
-                        continue
-                    app.state.stats["frames"] += 1
-                    await ws.send_bytes(out)
-
-            await loop.run_in_executor(worker, stream.reset)
-            await ws.send_json({"type": "ready", "prompt": stream.prompt[0] if stream.prompt else "",
-                                "width": stream.width, "height": stream.height,
-                                "max_message_bytes": max_message_bytes})
-            task = asyncio.create_task(pump())
-            try:
-                while True:
-                    message = await ws.receive()
-                    if message["type"] == "websocket.disconnect":
-                        break
-                    data, text = message.get("bytes"), message.get("text")
-                    length = len(data) if data is not None else len((text or "").encode())
-                    if length > max_message_bytes:
-                        await reject(f"message of {length} bytes is over the {max_message_bytes}-byte limit.", data is not None)
-                        continue
-                    if data is not None:
-                        if waiting.full():
-                            waiting.get_nowait()  # keep only the newest frame
-                            app.state.stats["dropped"] += 1
-                            await ws.send_json({"type": "dropped"})
-                        waiting.put_nowait(data)
-                        continue
-                    try:
-                        request = json.loads(text or "")
-                        prompt = request["prompt"]
-                        negative = request.get("negative_prompt")
-                        scale = request.get("guidance_scale")
-                        if not isinstance(prompt, str) or not prompt.strip():
-                            raise ValueError("prompt must be a non-empty string")
-                        if len(prompt) > MAX_PROMPT_CHARS:
-                            raise ValueError(f"prompt longer than {MAX_PROMPT_CHARS} characters")
-                        if negative is not None and not isinstance(negative, str):
-                            raise ValueError("negative_prompt must be a string")
-                        if scale is not None and not isinstance(scale, (int, float)):
-                            raise ValueError("guidance_scale must be a number")
-                    except (ValueError, KeyError, TypeError) as err:
-                        await reject(f"bad control message ({err}); send JSON like {{\"prompt\": \"...\"}}.")
-                        continue
-
-                    def change(prompt=prompt, negative=negative, scale=scale):
-                        stream.update_prompt(prompt, negative)
-                        if scale is not None:
-                            stream.set_guidance_scale(scale)
-
-                    await loop.run_in_executor(worker, change)
-                    await ws.send_json({"type": "prompt", "prompt": prompt})
-            except WebSocketDisconnect:
-                pass
-            finally:
-                task.cancel()
+        await _serve_client(demo, ws)
 
     return app
 
@@ -162,7 +218,7 @@ def serve(stream: Any, host: str = "127.0.0.1", port: int = 7860, log_level: str
     try:
         import uvicorn
     except ImportError:
-        raise UserError("the web demo needs FastAPI and uvicorn: pip install 'paradiff[serve]'.") from None
+        raise UserError(NEEDS_SERVE) from None
     app = create_app(stream)
     print(f"paradiff stream: open http://{host}:{port}/ (Ctrl+C to stop)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level, ws_max_size=64 * 1024 * 1024)

@@ -6,6 +6,7 @@
 #
 # SECTION: patch1024 | patch2048 | async-sdxl | async-sd21 | smoke (tiny models, ~1 min: run it first)
 #          | emulate1024 | emulate2048 | profile1024 (one GPU: patch_bench --emulate-ranks 2, patch_profile.py)
+# (The before/after check of the execution core on one GPU is benchmarks/core_regression.sh, not a section here.)
 # Logs and results go to $OUT (the device tool's output folder), or ./gpu-out when $OUT is unset; copy the
 # results into benchmarks/results/ afterwards. diffusers is not on the device image: carry the wheels made by
 # ../shared/tools/device-wheels.sh in .whl/ (this script installs them into .site/).

@@ -136,17 +136,59 @@ def run_loop(step, kwargs, steps, timer, reset=None, progress=None):
     return timer.steps_ms()
 
 
-def fake_collectives(on: bool):
-    """Replace (on) or restore every paradiff all-gather by a local tensor of the gathered size (exposed comm)."""
-    import paradiff.comm as comm
+# The collectives --emulate-ranks replaces, by name, and a local stand-in of the same result shape for rank 0 of N.
+# Commit 2c12c57 keeps them in the module `paradiff.comm`; since then `paradiff.comm` is a package whose
+# `collectives` defines `_all_gather` and whose `stale` imports it and defines `_start_all_gather`/`_wait_started`.
+_COMM_MODULES = ("paradiff.comm", "paradiff.comm.collectives", "paradiff.comm.stale")
+_FAKES = {
+    "_all_gather": lambda x, dim, group: torch.cat([x] * dist.get_world_size(group), dim=dim),
+    "_start_all_gather": lambda x, group_name, world: torch.cat([x] * world),
+    "_wait_started": lambda x: x,
+}
 
-    if on:
-        fake_collectives.real = comm._all_gather, comm._start_all_gather, comm._wait_started
-        comm._all_gather = lambda x, dim, group: torch.cat([x] * dist.get_world_size(group), dim=dim)
-        comm._start_all_gather = lambda x, group_name, world: torch.cat([x] * world)
-        comm._wait_started = lambda x: x
-    else:
-        comm._all_gather, comm._start_all_gather, comm._wait_started = fake_collectives.real
+
+def fake_collectives(on: bool) -> list[str]:
+    """Replace (on) or restore every paradiff all-gather by a local tensor of the gathered size (exposed comm).
+
+    Works on both layouts of `paradiff.comm` (benchmarks/core_regression.py runs it against the 2c12c57 tree): the
+    real functions are looked up by name in the comm modules, then every binding of them in any loaded `paradiff.*`
+    module is replaced, found by identity, so a `from paradiff.comm.collectives import _all_gather` elsewhere is
+    replaced too. Import the methods first. Returns the `module.attribute` names replaced; raises if no all-gather
+    was found (a benchmark over the fake process group would otherwise time collectives that do nothing).
+    """
+    import importlib
+
+    if not on:
+        for module, attr, real in getattr(fake_collectives, "patched", []):
+            setattr(module, attr, real)
+        fake_collectives.patched = []
+        return []
+    if getattr(fake_collectives, "patched", None):
+        return [f"{m.__name__}.{a}" for m, a, _ in fake_collectives.patched]
+    real = {}  # id of a real function -> its name in _FAKES
+    for name in _COMM_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        for fname in _FAKES:
+            fn = vars(module).get(fname)
+            if callable(fn) and fn not in _FAKES.values():
+                real[id(fn)] = fname
+    patched = []
+    for modname, module in list(sys.modules.items()):
+        if module is None or not (modname == "paradiff" or modname.startswith("paradiff.")):
+            continue
+        for attr, value in list(vars(module).items()):
+            if id(value) in real and callable(value):
+                setattr(module, attr, _FAKES[real[id(value)]])
+                patched.append((module, attr, value))
+    if "_all_gather" not in {real[id(v)] for _, _, v in patched}:
+        for module, attr, value in patched:
+            setattr(module, attr, value)
+        raise RuntimeError(f"no paradiff all-gather found to emulate in {', '.join(_COMM_MODULES)}")
+    fake_collectives.patched = patched
+    return [f"{m.__name__}.{a}" for m, a, _ in patched]
 
 
 def bench_config(name, args, rt, device, dtype):

@@ -108,6 +108,8 @@ def main(argv=None):
     args = parse_args(argv)
     args.emulate_ranks = args.ranks
     rt, device, dtype = patch_bench.setup(args)
+    import paradiff.methods.patch  # noqa: F401  (loaded first: its bindings of the collectives are replaced too)
+
     patch_bench.fake_collectives(True)
     rows = [profile_variant(name, args, rt, device, dtype) for name in ("full", "rows", "patch")]
     patch_bench.fake_collectives(False)

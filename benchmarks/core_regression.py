@@ -168,7 +168,10 @@ class Worker:
                 seam = importlib.import_module("paradiff.comm.emulate")
             except ImportError:
                 seam = None
-        if seam is not None:
+        if seam is not None and callable(getattr(seam, "start", None)):  # paradiff.comm.emulate.start(world, device)
+            seam.start(world, self.device)
+            info["via"] = f"paradiff.comm.emulate.start({world})"
+        elif seam is not None:
             fn = seam if callable(seam) else next(
                 (getattr(seam, n) for n in ("emulate", "enable") if callable(getattr(seam, n, None))), None)
             try:
@@ -308,6 +311,18 @@ class Baseline(UNetConfig):
                             else f"torch.compile(unet, backend={b!r})" if b else "eager")
 
 
+def install(method, pipe, w, dim: str) -> None:
+    """The tree's own way to apply a method: `parallelize` where `apply` takes the installation (the execution
+    core), `apply(pipe, mesh)` before it."""
+    import paradiff
+
+    if len(inspect.signature(method.apply).parameters) == 1:
+        w.emulate()
+        paradiff.parallelize(pipe, method, main_rank_stages=False)
+    else:
+        method.apply(pipe, w.mesh(dim))
+
+
 class Patch(UNetConfig):
     def build(self):
         import paradiff
@@ -318,15 +333,19 @@ class Patch(UNetConfig):
         kwargs, dropped = accepted(paradiff.PatchParallel, warmup_steps=self.w.args.warmup_steps,
                                    compile=self.w.compile_arg(), cuda_graph=self.w.cuda)
         method = paradiff.PatchParallel(**kwargs)
-        method.apply(self.pipe, self.w.mesh("patch"))
+        install(method, self.pipe, self.w, "patch")
         self.step = self.pipe.unet
         self.method = method
         self.info.update(how=repr(method), dropped_kwargs=list(dropped), emulation=self.w.emulation)
 
     def run(self) -> dict:
         row = super().run()
-        graphs = getattr(getattr(self.method, "hook", None), "_graphs", None)  # 2c12c57's hook: replays per phase
-        if isinstance(graphs, dict):
+        hook = getattr(self.method, "hook", None)
+        graphs = getattr(hook, "_graphs", None)  # 2c12c57's hook: replays per phase
+        runner = getattr(hook, "_runner", None)  # the execution core's GraphRunner
+        if runner is not None and hasattr(runner, "replays"):
+            row["cuda_graph_replays"] = runner.replays
+        elif isinstance(graphs, dict):
             row["cuda_graph_replays"] = {("sync" if k else "stale"): getattr(v, "replays", None)
                                          for k, v in graphs.items()}
         return row
@@ -338,15 +357,14 @@ class CFG(UNetConfig):
 
         unet, self.inputs = self.w.unet()
         self.pipe = self.w.pipe(unet)
-        mesh = self.w.mesh("cfg")
         if "compile" in inspect.signature(paradiff.CFGParallel).parameters:
             kwargs, dropped = accepted(paradiff.CFGParallel, compile=self.w.compile_arg(), cuda_graph=self.w.cuda)
             method = paradiff.CFGParallel(**kwargs)
-            method.apply(self.pipe, mesh)
+            install(method, self.pipe, self.w, "cfg")
             self.step = self.pipe.unet
             self.info.update(how=repr(method), dropped_kwargs=list(dropped))
         else:  # no compile option yet: what a user could do (and patch_bench's cfg configuration measured)
-            paradiff.CFGParallel().apply(self.pipe, mesh)
+            paradiff.CFGParallel().apply(self.pipe, self.w.mesh("cfg"))
             b = self.w.backend
             compiled = self.w.torch.compile(self.pipe.unet, backend=b) if b else self.pipe.unet
             self.step = compiled

@@ -25,6 +25,8 @@ from paradiff.plans.common import vae_scale_factor
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 HOOK_NAME = "paradiff.main_rank"
+REMEDY = ("only rank 0 keeps them: use it on rank 0, or parallelize with main_rank_stages=False to keep every stage "
+          "on every rank.")
 
 
 class SharedOutput(ModelHook):
@@ -69,16 +71,16 @@ def install(pipe: Any, target: Any) -> None:
         encoder = getattr(pipe, name, None)
         if isinstance(encoder, torch.nn.Module):
             if not target.is_main:
-                free_weights(encoder, f"pipe.{name}")
+                free_weights(encoder, f"pipe.{name}", REMEDY)
             target.register(encoder, SharedOutput(target.is_main, target.device, name), HOOK_NAME)
     vae = getattr(pipe, "vae", None)
     decoder = getattr(vae, "decoder", None)
     if target.is_main or not isinstance(decoder, torch.nn.Module):
         return
     channels = getattr(vae.config, "out_channels", 3)
-    free_weights(decoder, "pipe.vae.decoder")
+    free_weights(decoder, "pipe.vae.decoder", REMEDY)
     target.register(decoder, BlankDecoder(vae_scale_factor(pipe), channels), HOOK_NAME)
     post = getattr(vae, "post_quant_conv", None)
     if isinstance(post, torch.nn.Module):
-        free_weights(post, "pipe.vae.post_quant_conv")
+        free_weights(post, "pipe.vae.post_quant_conv", REMEDY)
         target.register(post, PassThrough(), HOOK_NAME)

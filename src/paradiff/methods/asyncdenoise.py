@@ -305,7 +305,8 @@ class AsyncDenoise(ParallelMethod):
             module = model.get_submodule(name)
             local = plan.component_of(unit) == state.comp
             if not local:
-                free_weights(module, f"the denoiser's {name} (run by another rank under AsyncDenoise)")
+                free_weights(module, f"the denoiser's {name}",
+                             "another rank runs it under AsyncDenoise; load the model again to run it whole.")
             target.register(module, _UnitHook(state, unit, name, local), HOOK_NAME, watch=name)
         target.register(model, _Controller(state, model, target, self.warmup_steps, self.time_shift,
                                            self.execution), HOOK_NAME)

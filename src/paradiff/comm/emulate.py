@@ -46,6 +46,7 @@ def start(world_size: int, device: Any = None) -> runtime.Runtime:
         raise ValueError("emulation needs world_size >= 2")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda":
+        dev = torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
         torch.cuda.set_device(dev)
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
     collectives.backend = LocalCopies(world_size)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from distributed import run_ranks
+from support.distributed import run_ranks
 
 pytestmark = pytest.mark.slow
 

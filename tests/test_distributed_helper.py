@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from distributed import run_ranks
+from support.distributed import run_ranks
 
 
 def _sum_of_ranks():

@@ -1,6 +1,6 @@
 """Run a function on N gloo ranks (CPU processes) and collect each rank's return value, for multi-rank tests.
 
-    from distributed import run_ranks
+    from support.distributed import run_ranks
     outputs = run_ranks(my_module_level_fn, 2, arg1, arg2)   # list indexed by rank
 
 `fn` must be a module-level function (it is pickled into spawned processes). It runs after

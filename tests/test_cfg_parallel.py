@@ -8,8 +8,6 @@ import torch
 from support.distributed import run_ranks
 from support.models import tiny_sd3_transformer, tiny_unet, unet_inputs
 
-pytestmark = pytest.mark.slow
-
 
 def _check_cfg():
     from paradiff import runtime
@@ -48,6 +46,7 @@ def _check_cfg():
     return errors
 
 
+@pytest.mark.slow  # 2 ranks
 def test_cfg_parallel_exact_on_unets_and_sd3():
     for errors in run_ranks(_check_cfg, 2):
         for name, err in errors.items():

@@ -13,6 +13,7 @@ def test_two_ranks_all_reduce():
     assert "(backend gloo" in proc.stdout
 
 
+@pytest.mark.slow  # 2 ranks (test_two_ranks_all_reduce is the launcher's fast smoke test)
 def test_a_dead_rank_ends_the_job():
     proc, seconds = run_cli("info", "--check", "--nproc", "2", "--fault-rank", "1", "--fault", "die")
     assert proc.returncode == 1
@@ -35,6 +36,7 @@ def test_a_stuck_rank_ends_the_job_within_a_minute():
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # 2 ranks, waits out a 5 s timeout
 def test_timeout_is_configurable():
     proc, seconds = run_cli("info", "--check", "--nproc", "2", "--fault-rank", "0", "--fault", "hang",
                             env={"PARADIFF_TIMEOUT": "5"})
@@ -49,6 +51,7 @@ def test_bad_timeout_value():
     assert "PARADIFF_TIMEOUT must be a number" in proc.stderr
 
 
+@pytest.mark.slow  # 2 ranks under torchrun
 def test_the_same_command_runs_under_torchrun():
     import os
     import subprocess

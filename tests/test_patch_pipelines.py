@@ -9,7 +9,6 @@ import torch
 from support.distributed import run_ranks
 from support.models import tiny_sd3_transformer, tiny_sd_pipeline, tiny_sdxl_pipeline
 
-pytestmark = pytest.mark.slow
 PROMPT = "a red circle on the left"
 
 
@@ -58,6 +57,7 @@ def _check_pipelines(cases):
 EXACT = {"warmup_steps": 100}
 
 
+@pytest.mark.slow  # 2 ranks
 def test_pipelines_two_ranks():
     cases = [
         ("sd-patch-exact", "sd", [("patch", EXACT)], False),
@@ -78,6 +78,7 @@ def test_pipelines_two_ranks():
                 assert err < 1e-4, f"{name}: max diff {err} vs serial"
 
 
+@pytest.mark.slow  # 4 ranks
 def test_cfg_times_patch_four_ranks():
     cases = [("sd-cfg-patch-exact", "sd", [("cfg", {}), ("patch", EXACT)], False),
              ("sdxl-cfg-patch-exact", "sdxl", [("cfg", {}), ("patch", EXACT)], False),

@@ -29,19 +29,19 @@ import torch.distributed as dist
 ARCHS = {"sdxl": ("stable-diffusion-xl-base-1.0", 1024), "sd21": ("stable-diffusion-2-1", 768)}
 
 
-def tiny_unet():
-    from diffusers import UNet2DConditionModel
+def tiny_models():
+    """tests/support/models.py, the one factory of the tiny random-weight models (the whole repo travels)."""
+    tests = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests"))
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    from support import models
 
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
-        block_out_channels=(32, 64), attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).eval().requires_grad_(False)
+    return models
 
 
 def build(arch: str | None, dtype, device):
-    if arch is None:
-        return tiny_unet().to(device, dtype)
+    if arch is None:  # the tiny SD pipeline's UNet
+        return tiny_models().tiny_unet("sd-wide", fill_zeros=False).requires_grad_(False).to(device, dtype)
     from paradiff.archs import build_model
 
     return build_model(arch, dtype=dtype, device=device)

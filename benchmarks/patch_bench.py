@@ -57,18 +57,19 @@ def parse_args(argv=None):
 
 
 # -- model and inputs -----------------------------------------------------------------------------------------------
-def build_unet(args, device, dtype):
-    if args.tiny:
-        from diffusers import UNet2DConditionModel
+def tiny_models():
+    """tests/support/models.py, the one factory of the tiny random-weight models (the whole repo travels)."""
+    tests = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests"))
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    from support import models
 
-        torch.manual_seed(0)
-        unet = UNet2DConditionModel(
-            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=8,
-            cross_attention_dim=32, block_out_channels=(16, 32, 32), attention_head_dim=(2, 4, 4),
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            transformer_layers_per_block=(1, 1, 2), use_linear_projection=True, addition_embed_type="text_time",
-            addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 32)
+    return models
+
+
+def build_unet(args, device, dtype):
+    if args.tiny:  # the SDXL-like tiny UNet, without the tests' re-initialised zero layers
+        unet = tiny_models().tiny_unet("sdxl", fill_zeros=False)
         return unet.to(device, dtype).eval().requires_grad_(False)
     from paradiff.archs import build_model
 

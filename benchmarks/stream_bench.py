@@ -21,6 +21,7 @@ import argparse
 import datetime
 import gc
 import json
+import os
 import platform
 import sys
 import time
@@ -58,12 +59,21 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def tiny_models():
+    """tests/support/models.py, the one factory of the tiny random-weight models (the whole repo travels)."""
+    tests = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests"))
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    from support import models
+
+    return models
+
+
 def _build(args, device, dtype):
     if args.tiny:
-        from paradiff.stream.tiny import tiny_pipeline, tiny_taesd
-
-        pipe = tiny_pipeline("euler", device=device, dtype=dtype)
-        return pipe, tiny_taesd().to(device, dtype)
+        models = tiny_models()
+        pipe = models.tiny_stream_pipeline("euler", device=device, dtype=dtype)
+        return pipe, models.tiny_taesd().to(device, dtype)
     from paradiff.archs import build_model, build_pipeline
 
     pipe = build_pipeline(args.arch, dtype=dtype, device=device)

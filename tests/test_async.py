@@ -6,19 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distributed import run_ranks
-from test_patch_support import tiny_unet, unet_inputs
+from support.distributed import run_ranks
+from support.models import tiny_sd3_transformer, tiny_unet, unet_inputs
 
 T = 6
-
-
-def _tiny_sd3(layers: int = 4):
-    from diffusers import SD3Transformer2DModel
-
-    torch.manual_seed(0)
-    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=layers, attention_head_dim=8,
-                                 num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
-                                 pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16).eval()
 
 
 def _case(kind: str):
@@ -26,21 +17,14 @@ def _case(kind: str):
     from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
     if kind == "sd3":
-        model = _tiny_sd3()
+        model = tiny_sd3_transformer(layers=4)
         g = torch.Generator().manual_seed(0)
         ehs, pooled = torch.randn(2, 5, 32, generator=g), torch.randn(2, 16, generator=g)
         x0 = torch.randn(2, 4, 8, 8, generator=g)
         return model, FlowMatchEulerDiscreteScheduler(), (lambda x, t: dict(
             hidden_states=x, timestep=t.expand(2), encoder_hidden_states=ehs, pooled_projections=pooled)), x0
     if kind == "deep":  # a deep transformer stack, so the best cut falls inside it (as in SDXL)
-        from diffusers import UNet2DConditionModel
-
-        torch.manual_seed(0)
-        model = UNet2DConditionModel(
-            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=8,
-            cross_attention_dim=32, block_out_channels=(16, 32), attention_head_dim=4, transformer_layers_per_block=6,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), mid_block_type=None,
-            up_block_types=("UpBlock2D", "UpBlock2D")).eval()
+        model = tiny_unet("deep", fill_zeros=False)
         kwargs = unet_inputs("sd")
     else:
         model = tiny_unet(kind).eval()
@@ -265,7 +249,7 @@ def _wrong_rank_count():
     from paradiff.errors import UserError
     from paradiff.methods.asyncdenoise import AsyncDenoise
     from paradiff.parallel import parallelize
-    from tiny import tiny_sd_pipeline
+    from support.models import tiny_sd_pipeline
 
     try:
         parallelize(tiny_sd_pipeline(), AsyncDenoise(components=2, stride=2))
@@ -287,7 +271,7 @@ def _pipelines_with_schedulers():
 
     from paradiff.methods.asyncdenoise import AsyncDenoise
     from paradiff.parallel import parallelize
-    from tiny import tiny_sd_pipeline
+    from support.models import tiny_sd_pipeline
 
     def make(scheduler, img2img):
         pipe = tiny_sd_pipeline()

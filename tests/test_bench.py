@@ -10,6 +10,7 @@ from paradiff import bench
 from paradiff.errors import UserError
 
 
+@pytest.mark.slow  # ~15 s; test_step_timer_counts_each_denoiser_call is the fast one
 def test_bench_cli_step_and_e2e(tiny_pipeline_dir, tmp_path):
     out = tmp_path / "r.json"
     proc, _ = run_cli("bench", "--arch", str(tiny_pipeline_dir), "--what", "all", "--variants", "eager",
@@ -55,6 +56,7 @@ def test_sdxl_inputs_have_added_conditioning():
     assert kwargs["added_cond_kwargs"]["text_embeds"].shape == (2, 1280)
 
 
+@pytest.mark.slow  # 2 ranks
 def test_bench_a_method_on_two_ranks_against_the_baseline(tiny_pipeline_dir, tmp_path):
     out = tmp_path / "cfg.json"
     proc, _ = run_cli("bench", "--arch", str(tiny_pipeline_dir), "--what", "e2e", "--method", "cfg", "--nproc", "2",
@@ -67,6 +69,7 @@ def test_bench_a_method_on_two_ranks_against_the_baseline(tiny_pipeline_dir, tmp
     assert data["ranks"] == 2 and data["method"] == "cfg"
 
 
+@pytest.mark.slow  # ~15 s (SDXL's split); test_async.py::test_sdxl_split_is_balanced_on_meta is in the fast tier
 def test_explain_prints_the_async_split_without_starting_ranks():
     proc, _ = run_cli("bench", "--arch", "sdxl", "--method", "async", "--nproc", "2", "--explain")
     assert proc.returncode == 0, proc.stderr

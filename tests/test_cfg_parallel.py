@@ -5,18 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_patch_support import run_ranks, tiny_unet, unet_inputs
-
-pytestmark = pytest.mark.slow
-
-
-def _tiny_sd3():
-    from diffusers import SD3Transformer2DModel
-
-    torch.manual_seed(0)
-    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
-                                 num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
-                                 pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16).eval()
+from support.distributed import run_ranks
+from support.models import tiny_sd3_transformer, tiny_unet, unet_inputs
 
 
 def _check_cfg():
@@ -45,7 +35,7 @@ def _check_cfg():
                 out1 = unet(**one).sample
             errors[kind + "-batch1"] = (out1 - serial[:1]).abs().max().item()
 
-        sd3 = _tiny_sd3()
+        sd3 = tiny_sd3_transformer(layers=2)
         g = torch.Generator().manual_seed(0)
         kwargs = dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g), timestep=torch.tensor([500.0, 500.0]),
                       encoder_hidden_states=torch.randn(2, 5, 32, generator=g),
@@ -56,6 +46,7 @@ def _check_cfg():
     return errors
 
 
+@pytest.mark.slow  # 2 ranks
 def test_cfg_parallel_exact_on_unets_and_sd3():
     for errors in run_ranks(_check_cfg, 2):
         for name, err in errors.items():

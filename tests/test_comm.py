@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from distributed import run_ranks
-
-pytestmark = pytest.mark.slow
+from support.distributed import run_ranks
 
 
 def _payloads(rank: int, step: int):
@@ -49,7 +47,9 @@ def _exchange_steps(overlap, bucket_mb=16.0):
     }
 
 
-@pytest.mark.parametrize("overlap", [None, False, True])
+# 2 ranks each; the gloo default (overlap=None) stays in the fast tier as its multi-rank smoke test
+@pytest.mark.parametrize("overlap", [None, pytest.param(False, marks=pytest.mark.slow),
+                                     pytest.param(True, marks=pytest.mark.slow)])
 def test_stale_exchange(overlap):
     for out in run_ranks(_exchange_steps, 2, overlap):
         assert out["overlap"] is (overlap is True), "gloo must default to the batched (non-overlapped) exchange"
@@ -60,6 +60,7 @@ def test_stale_exchange(overlap):
         assert out["in_flight"] == 0, "small payloads wait for finish() in one bucket"
 
 
+@pytest.mark.slow
 def test_stale_exchange_sends_full_buckets_during_the_step():
     # bucket_mb=0: every payload is a full bucket and is sent at once; dtypes and shapes still land intact
     for out in run_ranks(_exchange_steps, 2, True, 0.0):

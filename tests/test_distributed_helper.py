@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from distributed import run_ranks
+from support.distributed import run_ranks
 
 
 def _sum_of_ranks():
@@ -29,6 +29,7 @@ def test_run_ranks_collects_each_rank():
     assert all(torch.equal(o["sum"], torch.tensor([3.0])) for o in outputs)
 
 
+@pytest.mark.slow  # 2 ranks (test_run_ranks_collects_each_rank is the fast one)
 def test_run_ranks_reports_a_failing_rank():
     with pytest.raises(AssertionError, match="planted failure"):
         run_ranks(_fail_on_rank_one, 2, timeout=60)

@@ -80,7 +80,7 @@ def _two_rank_cfg_eval():
 
 @pytest.mark.slow
 def test_exact_method_scores_as_exact_on_two_ranks():
-    from distributed import run_ranks
+    from support.distributed import run_ranks
 
     outs = run_ranks(_two_rank_cfg_eval, 2, timeout=240)
     for out in outs:  # every rank computes the same serial reference and the same report

@@ -7,7 +7,7 @@ leave a margin, so a regression fails.
 
 import pytest
 
-from distributed import run_ranks
+from support.distributed import run_ranks
 
 PROMPTS = 3
 

@@ -8,19 +8,15 @@ import copy
 import pytest
 import torch
 
-from distributed import run_ranks
+from support.distributed import run_ranks
 
 pytestmark = pytest.mark.slow
 
 
 def _pipeline(kind: str):
-    if kind == "sd":
-        from tiny import tiny_sd_pipeline
+    from support.models import tiny_sd_pipeline, tiny_sdxl_pipeline
 
-        return tiny_sd_pipeline()
-    from test_patch_support import tiny_sdxl_pipeline
-
-    return tiny_sdxl_pipeline()
+    return tiny_sd_pipeline() if kind == "sd" else tiny_sdxl_pipeline()
 
 
 def _run(kind: str, main_rank_stages: bool):

@@ -7,7 +7,8 @@ import copy
 import pytest
 import torch
 
-from test_patch_support import run_ranks, tiny_unet, unet_inputs
+from support.distributed import run_ranks
+from support.models import tiny_unet, unet_inputs
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from paradiff.plans.patch_layers import auto_gn_mode
-from test_patch_support import run_ranks, tiny_unet, unet_inputs
+from support.distributed import run_ranks
+from support.models import tiny_unet, unet_inputs
 
 pytestmark = pytest.mark.slow
 STEPS = 5

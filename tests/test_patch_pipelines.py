@@ -6,15 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from test_patch_support import run_ranks, tiny_sdxl_pipeline
+from support.distributed import run_ranks
+from support.models import tiny_sd3_transformer, tiny_sd_pipeline, tiny_sdxl_pipeline
 
-pytestmark = pytest.mark.slow
 PROMPT = "a red circle on the left"
 
 
 def _build(kind):
-    from tiny import tiny_sd_pipeline
-
     return tiny_sd_pipeline() if kind == "sd" else tiny_sdxl_pipeline()
 
 
@@ -59,6 +57,7 @@ def _check_pipelines(cases):
 EXACT = {"warmup_steps": 100}
 
 
+@pytest.mark.slow  # 2 ranks
 def test_pipelines_two_ranks():
     cases = [
         ("sd-patch-exact", "sd", [("patch", EXACT)], False),
@@ -79,6 +78,7 @@ def test_pipelines_two_ranks():
                 assert err < 1e-4, f"{name}: max diff {err} vs serial"
 
 
+@pytest.mark.slow  # 4 ranks
 def test_cfg_times_patch_four_ranks():
     cases = [("sd-cfg-patch-exact", "sd", [("cfg", {}), ("patch", EXACT)], False),
              ("sdxl-cfg-patch-exact", "sdxl", [("cfg", {}), ("patch", EXACT)], False),
@@ -91,8 +91,6 @@ def test_cfg_times_patch_four_ranks():
 
 
 def test_bad_configuration_errors():
-    from diffusers import SD3Transformer2DModel
-
     from paradiff import PatchParallel, UserError, parallelize
     from paradiff.methods.patch import apply_to_unet
 
@@ -112,12 +110,8 @@ def test_bad_configuration_errors():
         with pytest.raises(UserError, match="bucket_mb"):
             PatchParallel(bucket_mb=bad)
     assert PatchParallel(bucket_mb=0).bucket_mb == 0 and PatchParallel().compile is False
-    sd3 = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
-                                num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
-                                pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16)
+    sd3 = tiny_sd3_transformer(layers=1, joint_dim=16)
     with pytest.raises(UserError, match="UNet2DConditionModel.*SD3Transformer2DModel"):
         apply_to_unet(sd3, None, PatchParallel())
-    from tiny import tiny_sd_pipeline
-
     with pytest.raises(UserError, match="at least 2 ranks"):
         parallelize(tiny_sd_pipeline(), PatchParallel(), device="cpu")

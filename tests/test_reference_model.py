@@ -105,6 +105,7 @@ def test_fast_model_draws_in_few_steps():
     assert [(s.color, s.size) for s in a.shapes] == [("orange", "large")]
 
 
+@pytest.mark.slow  # a training run (every stage, smoke sizes)
 def test_training_smoke_run_produces_loadable_pipelines(tmp_path):
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "2", "CUDA_VISIBLE_DEVICES": ""}
     out = subprocess.run([sys.executable, "-m", "paradiff.reference.train", "--stage", "all", "--smoke", "--out",
@@ -122,6 +123,7 @@ def test_training_smoke_run_produces_loadable_pipelines(tmp_path):
         assert (folder / "TRAINING.md").exists()
 
 
+@pytest.mark.slow  # a training run
 def test_resume_starts_from_the_shipped_model_and_keeps_its_records(tmp_path):
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "2", "CUDA_VISIBLE_DEVICES": ""}
     out = subprocess.run([sys.executable, "-m", "paradiff.reference.train", "--stage", "unet", "--resume", "--smoke",
@@ -136,6 +138,7 @@ def test_resume_starts_from_the_shipped_model_and_keeps_its_records(tmp_path):
     assert list(stages)[-1] == new, "records are listed in the order they ran"
 
 
+@pytest.mark.slow  # a training run
 def test_decoder_stage_keeps_the_latent_space(tmp_path):
     """The decoder fine-tune must leave the encoder untouched, or the shipped UNet would no longer fit the VAE."""
     import torch

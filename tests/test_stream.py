@@ -25,16 +25,16 @@ class NoScalarReads(torch.utils._python_dispatch.TorchDispatchMode):
 
 @pytest.fixture(scope="module")
 def lcm_pipe():
-    from paradiff.stream.tiny import tiny_pipeline
+    from support.models import tiny_stream_pipeline
 
-    return tiny_pipeline("lcm", "epsilon", dtype=torch.float64)  # exact comparisons
+    return tiny_stream_pipeline("lcm", "epsilon", dtype=torch.float64)  # exact comparisons
 
 
 @pytest.fixture(scope="module")
 def euler_v_pipe():
-    from paradiff.stream.tiny import tiny_pipeline
+    from support.models import tiny_stream_pipeline
 
-    return tiny_pipeline("euler", "v_prediction", seed=1, dtype=torch.float64)
+    return tiny_stream_pipeline("euler", "v_prediction", seed=1, dtype=torch.float64)
 
 
 def _frames(n, f, size=64, seed=0):

@@ -160,9 +160,9 @@ def test_filter_skip_rates_static_vs_moving():
 
 def test_filter_in_stream_repeats_output_without_host_sync(monkeypatch):
     from paradiff import StreamPipeline
-    from paradiff.stream.tiny import tiny_pipeline
+    from support.models import tiny_stream_pipeline
 
-    stream = StreamPipeline(tiny_pipeline(), [30, 45], similarity_filter=0.98, max_skip_frames=3)
+    stream = StreamPipeline(tiny_stream_pipeline(), [30, 45], similarity_filter=0.98, max_skip_frames=3)
     stream.prepare("a red circle")
     rng = np.random.default_rng(1)
     clip = [torch.from_numpy(f) for f in _static(10, rng)] + [torch.from_numpy(f) for f in _moving(4, rng)]
@@ -232,9 +232,9 @@ def test_io_errors_name_the_source_and_the_cli_the_flag(tmp_path, capsys):
 
 def test_host_frames_are_filtered_on_the_host_and_skips_cost_no_step():
     from paradiff import StreamPipeline
-    from paradiff.stream.tiny import tiny_pipeline
+    from support.models import tiny_stream_pipeline
 
-    stream = StreamPipeline(tiny_pipeline(), [30, 45], similarity_filter=0.98, max_skip_frames=3, filter_on_host=True)
+    stream = StreamPipeline(tiny_stream_pipeline(), [30, 45], similarity_filter=0.98, max_skip_frames=3, filter_on_host=True)
     stream.prepare("a red circle")
     calls = []
     step = stream._img2img.fn

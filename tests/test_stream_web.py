@@ -21,9 +21,9 @@ pytest.importorskip("fastapi")
 @pytest.fixture(scope="module")
 def stream():
     from paradiff import StreamPipeline
-    from paradiff.stream.tiny import tiny_pipeline
+    from support.models import tiny_stream_pipeline
 
-    s = StreamPipeline(tiny_pipeline(), [30, 45], guidance="initialize")
+    s = StreamPipeline(tiny_stream_pipeline(), [30, 45], guidance="initialize")
     s.prepare("a red circle", negative_prompt="blurry")
     return s
 

@@ -1,4 +1,5 @@
-"""Tiny random-weight SD-style pipelines for tests and `--tiny` benchmarks: same module types, toy widths.
+"""Tiny random-weight SD-style pipelines for `paradiff stream --tiny` (and, through tests/support/models.py, the
+stream tests and `benchmarks/stream_bench.py --tiny`): same module types, toy widths.
 
 The stream code only sees the diffusers interfaces (UNet2DConditionModel, AutoencoderKL/AutoencoderTiny, CLIP),
 so a pipeline that runs in milliseconds on a CPU exercises every code path that a real one does.
@@ -52,13 +53,3 @@ def tiny_pipeline(scheduler: str = "lcm", prediction_type: str = "epsilon", size
                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device=device, dtype=dtype)
-
-
-def tiny_taesd(seed: int = 0):
-    """AutoencoderTiny of TAESD's layout at toy widths (8x down/up-sampling, 4 latent channels)."""
-    import torch
-    from diffusers import AutoencoderTiny
-
-    torch.manual_seed(seed)
-    return AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
-                           num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1))

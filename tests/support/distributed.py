@@ -1,12 +1,16 @@
 """Run a function on N gloo ranks (CPU processes) and collect each rank's return value, for multi-rank tests.
 
-    from distributed import run_ranks
+    from support.distributed import run_ranks
     outputs = run_ranks(my_module_level_fn, 2, arg1, arg2)   # list indexed by rank
 
 `fn` must be a module-level function (it is pickled into spawned processes). It runs after
 `paradiff.runtime.init("cpu")`, so `paradiff.runtime.get()` gives the rank. Return values travel back through
 `torch.save`, so tensors, numpy arrays and plain Python objects all work. A failing rank fails the call with its
 traceback; a rank that hangs fails it after `timeout` seconds.
+
+The ranks' collectives time out after RANK_TIMEOUT_S (PARADIFF_TIMEOUT, unless `env` or the calling environment
+sets it), not the 45 s default: when one rank fails, the others stop waiting for it soon, and the call reports
+every rank's error within about that time.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ import traceback
 
 import torch
 import torch.multiprocessing as mp
+
+RANK_TIMEOUT_S = 20.0
+"""The ranks' collective timeout (PARADIFF_TIMEOUT) unless the test or its environment gives one."""
 
 
 def free_port() -> int:
@@ -49,12 +56,23 @@ def _worker(rank, world_size, port, fn, args, results, env):
         runtime.shutdown()
 
 
+def _rank_env(env: dict | None) -> dict:
+    env = dict(env or {})
+    env.setdefault("PARADIFF_TIMEOUT", os.environ.get("PARADIFF_TIMEOUT") or str(RANK_TIMEOUT_S))
+    return env
+
+
 def run_ranks(fn, world_size: int, *args, timeout: float = 300.0, env: dict | None = None) -> list:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
+    env = _rank_env(env)
+    try:  # after a first failure, wait for the others' reports about one collective timeout (plus teardown)
+        after_failure = float(env["PARADIFF_TIMEOUT"]) + 15.0
+    except ValueError:  # a test of a bad value: the ranks fail at init
+        after_failure = 15.0
     procs = [
-        ctx.Process(target=_worker, args=(rank, world_size, port, fn, args, results, dict(env or {})), daemon=True)
+        ctx.Process(target=_worker, args=(rank, world_size, port, fn, args, results, env), daemon=True)
         for rank in range(world_size)
     ]
     for proc in procs:
@@ -73,7 +91,7 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 300.0, env: dict | No
                 outputs[rank] = torch.load(io.BytesIO(payload), weights_only=False)
             else:
                 errors.append(f"rank {rank} failed:\n{payload}")
-                timeout = min(timeout, 60.0)  # the others usually fail soon after: show every rank's error
+                timeout = min(timeout, after_failure)  # the others fail soon after: show every rank's error
     finally:
         for proc in procs:
             proc.join(timeout=10 if not errors else 1)

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 import torch
 
-from distributed import free_port, run_ranks
+from support.distributed import free_port, run_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +52,7 @@ SCHEDULERS = {            # name: (diffusers class name, from_config overrides)
 
 
 def _tiny_sd_pipeline():
-    from tiny import tiny_sd_pipeline  # moving to tests/support/models.py; the lead fixes this import at merge
+    from support.models import tiny_sd_pipeline
 
     return tiny_sd_pipeline()
 

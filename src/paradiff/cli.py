@@ -11,7 +11,7 @@ import sys
 
 from paradiff.errors import UserError
 
-COMMANDS = ("generate", "bench", "eval", "stream", "info")
+COMMANDS = ("generate", "serve", "bench", "eval", "stream", "info")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             check = getattr(args, "check_before_launch", None)
             if check is not None:
                 check(args)
-            return launch.launch(nproc, argv)
+            return launch.launch(nproc, argv, forward_stop_signals=getattr(args, "forward_stop_signals", False))
         if nproc is not None and launch.in_launched_job():
             world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
             if nproc != world:

@@ -279,3 +279,250 @@ def test_an_idle_rank_that_stops_responding_is_found_within_the_timeout():
     assert "a rank died or stopped responding" in error and "Timed out" in error
     assert phase == "failed"
     assert seconds < 3 + 3, f"found after {seconds:.1f} s"
+
+
+# -- the real CLI: `paradiff serve --nproc 2` with the reference model -------------------------------------------
+
+STEPS = 4
+SPECS = [  # (prompt, seed, guidance, negative prompt): 8 different generations, each requested 4 times
+    ("a red circle on the left, blue background", 1, None, None),
+    ("a large yellow star at the top, purple background", 2, None, None),
+    ("a small green square on the right, white background", 3, 5.0, None),
+    ("a blue triangle in the middle, orange background", 4, None, "red"),
+    ("a purple circle at the bottom, yellow background", 5, 2.0, None),
+    ("a large white star in the middle, black background", 6, None, None),
+    ("a small orange square at the top, green background", 7, None, None),
+    ("a red triangle on the right, gray background", 8, 4.0, "blue"),
+]
+SERVED = {"images": 0, "overloaded": 0}  # what the tests below got from the shared server, for the metrics check
+
+
+def _generate_args(prompt, seed, guidance, negative, method="patch"):
+    from paradiff.cli import build_parser
+
+    argv = ["generate", prompt, "--method", method, "--steps", str(STEPS), "--size", "128", "--seed", str(seed)]
+    if guidance is not None:
+        argv += ["--guidance", str(guidance)]
+    if negative is not None:
+        argv += ["--negative-prompt", negative]
+    return build_parser().parse_args(argv)
+
+
+def _generate_reference(specs):
+    """What `paradiff generate --method patch --nproc 2 ...` makes for each spec: generate's own functions."""
+    from paradiff.commands.generate import call_kwargs, generators, prepare_pipeline
+
+    rt, pipe = prepare_pipeline(_generate_args(*specs[0]))
+    images = []
+    for spec in specs:
+        args = _generate_args(*spec)
+        images.append(np.asarray(pipe(args.prompt, generator=generators(args.seed), **call_kwargs(args)).images[0]))
+    return images if rt.is_main else None
+
+
+def _body(spec, **extra):
+    prompt, seed, guidance, negative = spec
+    body = {"prompt": prompt, "seed": seed, **extra}
+    if guidance is not None:
+        body["guidance"] = guidance
+    if negative is not None:
+        body["negative_prompt"] = negative
+    return body
+
+
+@pytest.fixture(scope="module")
+def patch_server(tmp_path_factory):
+    """One `serve --nproc 2 --method patch` for the tests below; /health is polled from the moment it listens."""
+    log = tmp_path_factory.mktemp("serve") / "patch-server.log"
+    server = CliServer("--nproc", "2", "--method", "patch", "--steps", str(STEPS), "--sizes", "128",
+                       "--max-queue", "8", "--timeout", "180", env={"PARADIFF_API_KEY": KEY}, log_path=str(log))
+    try:
+        server.wait_listening()
+        server.health_codes = []
+
+        def poll():
+            end = time.monotonic() + 300
+            while time.monotonic() < end:
+                try:
+                    code = httpx.get(server.url + "/health", timeout=5).status_code
+                except httpx.HTTPError:
+                    code = None
+                server.health_codes.append(code)
+                if code == 200:
+                    return
+                time.sleep(0.2)
+
+        server.poller = threading.Thread(target=poll, daemon=True)
+        server.poller.start()
+        yield server
+    finally:
+        server.kill()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from distributed import run_ranks
+
+    return run_ranks(_generate_reference, 2, SPECS, timeout=300)[0]
+
+
+@pytest.mark.slow
+def test_concurrent_clients_get_the_images_generate_makes(patch_server, reference):
+    from paradiff.client import Client
+
+    patch_server.poller.join(300)
+    codes = patch_server.health_codes
+    assert codes[-1] == 200 and 503 in codes and 200 not in codes[:-1], codes  # 503 until warm-up ended
+    results, errors = {}, []
+
+    def client(c):
+        api = Client(patch_server.url, api_key=KEY, timeout=240)
+        for j in range(4):
+            k = (c + 3 * j) % len(SPECS)
+            prompt, seed, guidance, negative = SPECS[k]
+            try:
+                image = api.generate(prompt, seed=seed, guidance=guidance, negative_prompt=negative)
+                results[(c, j)] = (k, np.asarray(image))
+            except Exception as err:  # noqa: BLE001
+                errors.append(repr(err))
+
+    start = time.monotonic()
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    seconds = time.monotonic() - start
+    assert errors == [] and len(results) == 32
+    for k, image in results.values():
+        assert image.shape == (128, 128, 3) and np.array_equal(image, reference[k]), f"spec {k} differs"
+    SERVED["images"] += 32
+    # n = 2: image i is seed + i's image, up to the rounding of the batched call
+    pair = Client(patch_server.url, api_key=KEY).generate(SPECS[0][0], seed=SPECS[0][1], n=2)
+    assert len(pair) == 2
+    assert np.abs(np.asarray(pair[0]).astype(int) - reference[0].astype(int)).max() <= 2
+    SERVED["images"] += 2
+    print(f"32 requests from 8 clients in {seconds:.1f} s")
+
+
+@pytest.mark.slow
+def test_bad_requests_get_4xx_and_the_server_keeps_serving(patch_server, reference):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    url = patch_server.url + "/v1/images"
+    with httpx.Client(timeout=120) as http:
+        assert http.post(url, content=b"{not json", headers={**auth, "Content-Type": "application/json"}
+                         ).status_code == 422
+        assert http.post(url, json={"prompt": "x", "size": "256x256"}, headers=auth).status_code == 422
+        assert http.post(url, json={"prompt": "x", "sampler": "euler"}, headers=auth).status_code == 422
+        assert http.post(url, json={"prompt": "x" * 100_000}, headers=auth).status_code == 413
+        assert http.post(url, json={"prompt": "x"}, headers={"Authorization": "Bearer nope"}).status_code == 401
+        assert http.post(url, json={"prompt": "x"}).status_code == 401
+        r = http.post(url, json=_body(SPECS[1]), headers=auth)
+    assert r.status_code == 200 and np.array_equal(np.asarray(_image(r.content)), reference[1])
+    SERVED["images"] += 1
+
+
+@pytest.mark.slow
+def test_overload_gives_503_and_loses_none_of_the_accepted(patch_server, reference):
+    """20 requests at once at a queue of 8: the ones refused get 503 + Retry-After, every accepted one its image."""
+    results = {}
+
+    def post(i):
+        k = i % len(SPECS)
+        r = httpx.post(patch_server.url + "/v1/images", json=_body(SPECS[k]), headers={"X-API-Key": KEY},
+                       timeout=240)
+        results[i] = (k, r.status_code, r.headers.get("Retry-After"), r.content)
+
+    threads = [threading.Thread(target=post, args=(i,)) for i in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    assert len(results) == 20
+    refused = [r for r in results.values() if r[1] == 503]
+    accepted = [r for r in results.values() if r[1] == 200]
+    assert len(refused) + len(accepted) == 20 and refused and len(accepted) >= 9
+    assert all(int(r[2]) >= 1 for r in refused)
+    for k, _, _, content in accepted:
+        assert np.array_equal(np.asarray(_image(content)), reference[k])
+    SERVED["images"] += len(accepted)
+    SERVED["overloaded"] += len(refused)
+
+
+@pytest.mark.slow
+def test_metrics_parse_and_count_what_was_served(patch_server):
+    r = httpx.get(patch_server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    samples = metric_samples(r.text)
+    assert sample(samples, "paradiff_images_total", size="128x128") == SERVED["images"]
+    assert sample(samples, "paradiff_failures_total", reason="overloaded") == SERVED["overloaded"]
+    assert sample(samples, "paradiff_ready") == 1 and sample(samples, "paradiff_queue_depth") == 0
+    assert sample(samples, "paradiff_generation_seconds_count", size="128x128") > 0
+    assert httpx.get(patch_server.url + "/metrics", timeout=30).status_code == 401
+
+
+@pytest.mark.slow
+def test_sigterm_drains_the_queue_and_exits_0(patch_server, reference):
+    results = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, httpx.post(
+        patch_server.url + "/v1/images", json=_body(SPECS[i]), headers={"X-API-Key": KEY}, timeout=240)))
+        for i in range(4)]
+    for thread in threads:
+        thread.start()
+    _wait(lambda: httpx.get(patch_server.url + "/health", timeout=5).json()["queue"] >= 2, timeout=60)
+    start = time.monotonic()
+    patch_server.proc.send_signal(__import__("signal").SIGTERM)  # what a supervisor sends to the launcher
+    _wait(lambda: httpx.get(patch_server.url + "/health", timeout=5).status_code == 503, timeout=10)
+    late = httpx.post(patch_server.url + "/v1/images", json=_body(SPECS[0]), headers={"X-API-Key": KEY}, timeout=30)
+    assert late.status_code == 503 and "shutting down" in late.text
+    for thread in threads:
+        thread.join(120)
+    assert rc_after(patch_server, 60) == 0, patch_server.output()
+    assert sorted(results) == [0, 1, 2, 3]
+    for i, r in results.items():
+        assert r.status_code == 200 and np.array_equal(np.asarray(_image(r.content)), reference[i])
+    output = patch_server.output()
+    assert "stopped cleanly" in output and "Traceback" not in output
+    print(f"drained and stopped {time.monotonic() - start:.1f} s after SIGTERM")
+
+
+def rc_after(server, timeout):
+    try:
+        return server.proc.wait(timeout)
+    except Exception:  # noqa: BLE001 - subprocess.TimeoutExpired
+        return None
+
+
+@pytest.mark.slow
+def test_a_killed_rank_ends_the_server_with_an_error(tmp_path):
+    import signal
+
+    server = CliServer("--nproc", "2", "--method", "cfg", "--steps", str(STEPS), log_path=str(tmp_path / "log"))
+    try:
+        server.wait_listening()
+        _wait(lambda: httpx.get(server.url + "/health", timeout=5).status_code == 200, timeout=240)
+        assert httpx.post(server.url + "/v1/images", json={"prompt": "a red circle"}, timeout=120).status_code == 200
+        result = {}
+        inflight = threading.Thread(target=lambda: result.__setitem__("r", _post_or_error(server.url)))
+        inflight.start()
+        rank1 = server.rank_pids()[1]
+        start = time.monotonic()
+        __import__("os").kill(rank1, signal.SIGKILL)
+        rc = rc_after(server, 60)
+        seconds = time.monotonic() - start
+        inflight.join(30)
+        output = server.output()
+        assert rc not in (None, 0), output
+        assert seconds < 60
+        assert "rank 1 failed (killed by SIGKILL" in output
+        assert result["r"] in (503, "connection error"), result  # answered or cut, not left hanging
+        print(f"ended {seconds:.1f} s after rank 1 was killed (exit {rc})")
+    finally:
+        server.kill()
+
+
+def _post_or_error(url):
+    try:
+        return httpx.post(url + "/v1/images", json={"prompt": "in flight", "steps": 20}, timeout=90).status_code
+    except httpx.HTTPError:
+        return "connection error"

@@ -48,8 +48,9 @@ def pipeline_kwargs(*, steps: int, size: tuple[int, int] | None = None, guidance
 
 
 def generators(seed: int, n: int = 1):
-    """The `generator=` argument for `n` images from `seed`: image i comes from seed + i (CPU generators, so a seed
-    gives the same image on any device), so image i of a batch is the image `generate --seed SEED+i` makes."""
+    """The `generator=` argument for `n` images from `seed`: image i starts from seed + i's noise (CPU generators: a
+    seed gives the same noise on any device), so image i of a batch is the image `generate --seed SEED+i` makes, up
+    to the rounding of a batched computation (at most 1 level of 255 on the reference model, on the CPU)."""
     import torch
 
     if n == 1:

@@ -526,3 +526,22 @@ def _post_or_error(url):
         return httpx.post(url + "/v1/images", json={"prompt": "in flight", "steps": 20}, timeout=90).status_code
     except httpx.HTTPError:
         return "connection error"
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--nproc", "2"], {}, "needs a parallel --method"),
+    (["--steps", "200", "--max-steps", "100"], {}, "--steps 200 is more than --max-steps 100"),
+    (["--sizes", "128x100"], {}, "multiples of 8"),
+    ([], {"PARADIFF_API_KEY": " "}, "the API key is empty"),
+    (["--port", "PORT_IN_USE"], {}, "cannot listen on 127.0.0.1:"),
+])
+def test_serve_mistakes_give_one_clear_line(args, env, message):
+    from cli_utils import run_cli
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        args = [str(busy.getsockname()[1]) if a == "PORT_IN_USE" else a for a in args]
+        proc, seconds = run_cli("serve", *args, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr

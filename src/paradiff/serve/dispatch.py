@@ -82,10 +82,16 @@ def _is_collective_failure(err: BaseException) -> bool:
 
 
 def _first_line(err: BaseException) -> str:
+    """The cause in a few words: the backend's own message, without CollectiveError's advice for user scripts
+    (calling the pipeline on rank 0 only does not happen here) or gloo's source locations."""
     from paradiff.comm import LIKELY_CAUSE
 
-    text = str(err).replace(LIKELY_CAUSE, "").strip()  # that advice is about user scripts, not the server
-    text = re.sub(r"\[[^\]]*\.(?:cc|cpp|h):\d+\] ", "", text.splitlines()[0] if text else "")  # gloo's source
+    text = str(err).replace(LIKELY_CAUSE, "").strip()
+    text = text.splitlines()[0] if text else ""
+    match = re.search(r"failed on this rank \((.*)\)\.?$", text)
+    if match:
+        text = match.group(1)
+    text = re.sub(r"\[[^\]]*\.(?:cc|cpp|h):\d+\] ", "", text).split(". ")[0].strip()
     if len(text) > 200:
         text = text[:200].rsplit(" ", 1)[0] + " ..."
     return text or type(err).__name__

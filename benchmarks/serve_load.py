@@ -42,9 +42,8 @@ def one_request(client: Client, args: argparse.Namespace, seed: int) -> dict:
     except ServerError as err:
         return {"status": err.status, "latency_s": time.perf_counter() - start, "error": str(err)}
     latency = time.perf_counter() - start
-    queue_s = float(client.last_headers.get("X-Queue-Seconds") or client.last_headers.get("x-queue-seconds") or 0)
-    generation_s = float(client.last_headers.get("X-Generation-Seconds")
-                         or client.last_headers.get("x-generation-seconds") or 0)
+    queue_s = float(client.last_headers.get("X-Queue-Seconds") or 0)
+    generation_s = float(client.last_headers.get("X-Generation-Seconds") or 0)
     return {"status": 200, "latency_s": latency, "queue_s": queue_s, "generation_s": generation_s,
             "overhead_s": latency - queue_s - generation_s}
 

@@ -96,18 +96,29 @@ def test_requests_are_validated_and_the_server_keeps_serving():
             assert http.post("/v1/images", json={"prompt": "still serving"}, headers=auth).status_code == 200
             assert runner.calls[1]["guidance"] is None and runner.calls[1]["negative_prompt"] is None
 
+            from paradiff.client import Client, ServerError
+
+            client = Client(server.url, api_key=KEY)
+            images = client.generate("two", size=64, seed=11, n=2)
+            assert [im.getpixel((0, 0))[0] for im in images] == [11, 12] and client.last_headers["x-seed"] == "11"
+            with pytest.raises(ServerError, match="size: Value error, size '96x96' is not served here") as err:
+                client.generate("x", size=96)
+            assert err.value.status == 422
+            with pytest.raises(ServerError, match="valid API key") as err:
+                Client(server.url, api_key="wrong").generate("x")
+            assert err.value.status == 401
             health = http.get("/health")
             assert health.status_code == 200 and health.json()["status"] == "ready"
             assert http.get("/openapi.json").json()["paths"]["/v1/images"]["post"]
             samples = metric_samples(http.get("/metrics", headers=auth).text)
         assert sample(samples, "paradiff_images_total", size="32x48") == 3
-        assert sample(samples, "paradiff_images_total", size="64x64") == 3
-        assert sample(samples, "paradiff_failures_total", reason="invalid") == len(bad) + 1
+        assert sample(samples, "paradiff_images_total", size="64x64") == 5
+        assert sample(samples, "paradiff_failures_total", reason="invalid") == len(bad) + 2
         assert sample(samples, "paradiff_failures_total", reason="too_large") == 2
-        assert sample(samples, "paradiff_failures_total", reason="unauthorized") == 3
+        assert sample(samples, "paradiff_failures_total", reason="unauthorized") == 4
         assert sample(samples, "paradiff_failures_total", reason="error") == 1
-        assert sample(samples, "paradiff_requests_total", code="200") == 4
-        assert sample(samples, "paradiff_requests_total", code="422") == len(bad) + 1
+        assert sample(samples, "paradiff_requests_total", code="200") == 5
+        assert sample(samples, "paradiff_requests_total", code="422") == len(bad) + 2
         assert sample(samples, "paradiff_request_seconds_count", size="32x48") == 3
         assert sample(samples, "paradiff_queue_depth") == 0 and sample(samples, "paradiff_ready") == 1
     finally:
@@ -260,7 +271,7 @@ def _rank1_stops_responding():
 
     rt = runtime.get()
     if rt.rank == 1:
-        time.sleep(15)  # alive but never takes part again, as a stuck process
+        time.sleep(8)  # alive but never takes part again, as a stuck process
         return None
     d = Dispatcher(lambda params: [], rank=0, world_size=2, device=rt.device, log=lambda line: None)
     start = time.monotonic()

@@ -39,10 +39,12 @@ class Client:
         self.api_key = api_key if api_key is not None else os.environ.get("PARADIFF_API_KEY")
         self.timeout = timeout
         self.retries = retries
-        self.last_headers: dict = {}
-        """Response headers of the last successful request (X-Seed, X-Queue-Seconds, X-Generation-Seconds)."""
+        self.last_headers: Any = {}
+        """Response headers of the last successful request (X-Seed, X-Queue-Seconds, X-Generation-Seconds), with
+        case-insensitive `get`."""
 
-    def _request(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict, bytes]:
+    def _request(self, method: str, path: str, body: dict | None = None) -> tuple[int, Any, bytes]:
+        """(status, headers: a case-insensitive `email.message.Message`, body)."""
         headers = {"Accept": "*/*"}
         data = None
         if body is not None:
@@ -53,20 +55,20 @@ class Client:
         request = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return response.status, dict(response.headers), response.read()
+                return response.status, response.headers, response.read()
         except urllib.error.HTTPError as err:
-            return err.code, dict(err.headers or {}), err.read()
+            return err.code, err.headers, err.read()
         except urllib.error.URLError as err:
             raise ServerError(f"cannot reach the server at {self.url} ({err.reason}).", 0) from None
 
-    def _raise(self, status: int, headers: dict, payload: bytes) -> None:
+    def _raise(self, status: int, headers: Any, payload: bytes) -> None:
         try:
             detail = json.loads(payload).get("detail", "")
         except (ValueError, AttributeError):
             detail = payload[:200].decode(errors="replace")
         if isinstance(detail, list):  # FastAPI validation errors
             detail = "; ".join(f"{'.'.join(map(str, d.get('loc', [])[1:]))}: {d.get('msg')}" for d in detail)
-        retry = headers.get("Retry-After") or headers.get("retry-after")
+        retry = headers.get("Retry-After") if headers is not None else None
         raise ServerError(f"the server answered {status}: {detail}", status, float(retry) if retry else None)
 
     def health(self) -> dict:
@@ -92,7 +94,7 @@ class Client:
             status, headers, payload = self._request("POST", "/v1/images", body)
             if status == 200:
                 break
-            retry = headers.get("Retry-After") or headers.get("retry-after")
+            retry = headers.get("Retry-After") if headers is not None else None
             if status == 503 and attempt < self.retries:
                 time.sleep(min(float(retry or 1), 60.0))
                 continue

@@ -84,9 +84,9 @@ def _is_collective_failure(err: BaseException) -> bool:
 def _first_line(err: BaseException) -> str:
     """The cause in a few words: the backend's own message, without CollectiveError's advice for user scripts
     (calling the pipeline on rank 0 only does not happen here) or gloo's source locations."""
-    from paradiff.comm import LIKELY_CAUSE
+    from paradiff import comm
 
-    text = str(err).replace(LIKELY_CAUSE, "").strip()
+    text = str(err).replace(getattr(comm, "LIKELY_CAUSE", "") or "\0", "").strip()
     text = text.splitlines()[0] if text else ""
     match = re.search(r"failed on this rank \((.*)\)\.?$", text)
     if match:
@@ -315,10 +315,9 @@ class Dispatcher:
         from paradiff import comm
 
         try:
-            with comm.guarded(what):
-                flags = comm.all_gather(torch.tensor([status], dtype=torch.int32, device=self.device), 0,
-                                        dist.group.WORLD)
-                return [int(v) for v in flags.tolist()]
-        except Exception as err:  # noqa: BLE001 - CollectiveError or anything else: the ranks are not together
-            self._fatal(f"a rank died or stopped responding ({_first_line(err)})", err)
+            flags = comm.all_gather(torch.tensor([status], dtype=torch.int32, device=self.device), 0,
+                                    dist.group.WORLD)
+            return [int(v) for v in flags.tolist()]
+        except Exception as err:  # noqa: BLE001 - CollectiveError or a backend error: the ranks are not together
+            self._fatal(f"a rank died or stopped responding during {what} ({_first_line(err)})", err)
             raise  # not reached

@@ -122,7 +122,7 @@ def serve(args: argparse.Namespace) -> int:
             http = HttpServer(late, bind(args.host, args.port), log_level=args.log_level,
                               limit_concurrency=max(64, 4 * args.max_queue + 16))
             http.start()
-            host, port = http.address
+            _, port = http.address
             address = url(args.host, port)
             _log(f"paradiff serve: listening on {address} (loading; /health answers 503 until warm-up ends)")
             if args.host not in ("127.0.0.1", "localhost", "::1") and key is None:

@@ -11,7 +11,7 @@ import sys
 
 from paradiff.errors import UserError
 
-COMMANDS = ("generate", "bench", "eval", "stream", "info")
+COMMANDS = ("generate", "serve", "bench", "eval", "stream", "info")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,15 +26,6 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMANDS:
         importlib.import_module(f"paradiff.commands.{name}").add_parser(sub)
     return parser
-
-
-def _is_collective_failure(err: BaseException) -> bool:
-    import torch.distributed as dist
-
-    if isinstance(err, getattr(dist, "DistError", ())):
-        return True
-    text = str(err)
-    return any(s in text for s in ("Timed out", "timed out", "Connection closed by peer", "Connection reset", "NCCL"))
 
 
 def _quiet_libraries() -> None:
@@ -62,7 +53,7 @@ def _launch_or_run(args: argparse.Namespace, argv: list[str]) -> int:
         check = getattr(args, "check_before_launch", None)
         if check is not None:
             check(args)
-        return launch.launch(nproc, argv)
+        return launch.launch(nproc, argv, forward_stop_signals=getattr(args, "forward_stop_signals", False))
     if nproc is not None and launch.in_launched_job():
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if nproc != world:
@@ -89,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as err:  # noqa: BLE001 - a dead peer must not print a wall of tracebacks on every rank
         rt = runtime.current()
-        if rt is not None and rt.distributed and _is_collective_failure(err):
+        from paradiff.comm.collectives import is_collective_failure
+
+        if rt is not None and rt.distributed and is_collective_failure(err):
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             print(
                 f"paradiff: rank {rt.rank}: a collective failed, another rank died or stopped responding "

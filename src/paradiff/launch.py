@@ -27,10 +27,44 @@ def _describe_exit(code: int) -> str:
     return f"exit code {code}"
 
 
-def launch(nproc: int, argv: list[str], *, module: str = "paradiff") -> int:
+def _child_pids() -> list[int]:
+    """This process's children (Linux /proc; empty elsewhere): the ranks the elastic agent started."""
+    me, pids = os.getpid(), []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return pids
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 1 and fields[1] == str(me):
+            pids.append(int(entry))
+    return pids
+
+
+def _forward_to_ranks(signum, frame) -> None:
+    pids = _child_pids()
+    if not pids:  # the ranks have not started (or have all gone): nothing will drain, stop the launcher
+        raise KeyboardInterrupt
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def launch(nproc: int, argv: list[str], *, module: str = "paradiff", forward_stop_signals: bool = False) -> int:
     """Run `python -m <module> <argv>` on `nproc` local ranks; return 0, or 1 with one line per failed rank.
 
     The launcher stops every rank as soon as one fails (no restarts), so a dead rank ends the job.
+    `forward_stop_signals` (serve): SIGTERM and SIGINT are passed on to the ranks, which stop in their own time
+    (a server drains its queue), and the launcher exits with their status, instead of the agent's default of
+    stopping them within a few seconds and exiting with an error.
     """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -41,6 +75,11 @@ def launch(nproc: int, argv: list[str], *, module: str = "paradiff") -> int:
         logging.getLogger(name).setLevel(logging.CRITICAL)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    extra = {}
+    forwarding = (forward_stop_signals and os.path.isdir("/proc")
+                  and "signals_to_handle" in getattr(LaunchConfig, "__dataclass_fields__", {}))
+    if forwarding:
+        extra["signals_to_handle"] = "SIGHUP,SIGQUIT"  # the agent still stops the ranks on these
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -51,7 +90,11 @@ def launch(nproc: int, argv: list[str], *, module: str = "paradiff") -> int:
         max_restarts=0,
         monitor_interval=0.1,
         shutdown_timeout=5,
+        **extra,
     )
+    previous = {}
+    if forwarding:
+        previous = {sig: signal.signal(sig, _forward_to_ranks) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         elastic_launch(config, sys.executable)("-m", module, *argv)
     except ChildFailedError as err:
@@ -63,4 +106,7 @@ def launch(nproc: int, argv: list[str], *, module: str = "paradiff") -> int:
                 file=sys.stderr,
             )
         return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0

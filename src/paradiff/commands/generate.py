@@ -26,36 +26,55 @@ def add_parser(sub) -> None:
 
 def call_kwargs(args: argparse.Namespace) -> dict:
     """The pipeline call's options from the flags; the embedded model gets its own CFG scale, not diffusers' 7.5."""
-    kwargs = {"num_inference_steps": args.steps}
-    if args.size is not None:
-        kwargs["height"], kwargs["width"] = args.size
-    guidance = args.guidance
-    if guidance is None and args.model is None:
+    return pipeline_kwargs(steps=args.steps, size=args.size, guidance=args.guidance,
+                           negative_prompt=args.negative_prompt, embedded_model=args.model is None)
+
+
+def pipeline_kwargs(*, steps: int, size: tuple[int, int] | None = None, guidance: float | None = None,
+                    negative_prompt: str | None = None, embedded_model: bool = False) -> dict:
+    """`call_kwargs` without the argparse namespace (`paradiff serve` builds each request's call with it)."""
+    kwargs = {"num_inference_steps": steps}
+    if size is not None:
+        kwargs["height"], kwargs["width"] = size
+    if guidance is None and embedded_model:
         from paradiff.reference import DEFAULT_GUIDANCE
 
         guidance = DEFAULT_GUIDANCE
     if guidance is not None:
         kwargs["guidance_scale"] = guidance
-    if args.negative_prompt is not None:
-        kwargs["negative_prompt"] = args.negative_prompt
+    if negative_prompt is not None:
+        kwargs["negative_prompt"] = negative_prompt
     return kwargs
 
 
-def run(args: argparse.Namespace) -> int:
+def generators(seed: int, n: int = 1):
+    """The `generator=` argument for `n` images from `seed`: image i starts from seed + i's noise (CPU generators: a
+    seed gives the same noise on any device), so image i of a batch is the image `generate --seed SEED+i` makes, up
+    to the rounding of a batched computation (at most 1 level of 255 on the reference model, on the CPU)."""
     import torch
 
+    if n == 1:
+        return torch.Generator("cpu").manual_seed(seed)
+    return [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]
+
+
+def prepare_pipeline(args: argparse.Namespace):
+    """This rank's runtime and the loaded pipeline, parallelized as the flags ask (every rank calls it)."""
     from paradiff.commands.common import load_for_command
     from paradiff.parallel import parallelize
 
-    start = time.perf_counter()
     rt, methods, pipe = load_for_command(args, args.model)
     if methods:
         parallelize(pipe, *methods)
     else:
         pipe.to(rt.device)
-    kwargs = call_kwargs(args)
-    generator = torch.Generator("cpu").manual_seed(args.seed)
-    image = pipe(args.prompt, generator=generator, **kwargs).images[0]
+    return rt, pipe
+
+
+def run(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    rt, pipe = prepare_pipeline(args)
+    image = pipe(args.prompt, generator=generators(args.seed), **call_kwargs(args)).images[0]
     if rt.is_main:
         image.save(args.output)
         print(f"wrote {args.output} ({image.height}x{image.width}, {args.steps} steps, "

@@ -1,0 +1,171 @@
+"""`paradiff serve` on one rank: load and parallelize once, warm up each size, then serve until stopped.
+
+Every rank runs `serve(args)`. Rank 0 binds the port first (a port in use fails in one line before anything loads),
+runs uvicorn in a thread (503 on every path until the model is loaded, /health 503 until warm-up ends), and its
+main thread feeds the ranks from the queue (`serve.dispatch`). Signals: SIGTERM or SIGINT on rank 0 drains (new
+requests get 503, the accepted ones finish, every rank stops, exit 0); the other ranks ignore them while serving
+and stop when rank 0 says so. Before serving starts there is nothing to drain: a signal stops the rank at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+
+from paradiff.errors import UserError
+
+
+class _StopBeforeServing(Exception):
+    """SIGTERM/SIGINT while loading or warming up: nothing was accepted yet, so the rank just stops."""
+
+
+def _log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def api_key(args: argparse.Namespace) -> str | None:
+    key = args.api_key if args.api_key is not None else os.environ.get("PARADIFF_API_KEY")
+    if key is not None and not key.strip():
+        raise UserError("the API key is empty (--api-key or PARADIFF_API_KEY); give a non-empty key or none.")
+    return key
+
+
+def default_size(pipe) -> tuple[int, int]:
+    """The size the pipeline makes when not told (what `generate` without --size makes)."""
+    scale = getattr(pipe, "vae_scale_factor", 8)
+    sample = getattr(pipe, "default_sample_size", None)
+    if sample is None:
+        denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+        sample = getattr(getattr(denoiser, "config", None), "sample_size", None)
+    if isinstance(sample, (tuple, list)):
+        return int(sample[0]) * scale, int(sample[1]) * scale
+    if not isinstance(sample, int):
+        raise UserError("cannot tell this pipeline's default image size; give --sizes HxW.")
+    return sample * scale, sample * scale
+
+
+def make_runner(pipe, embedded_model: bool):
+    """One request's pipeline call on this rank, built the way `paradiff generate` builds its call."""
+    from paradiff.commands.generate import generators, pipeline_kwargs
+
+    def run(params: dict) -> list:
+        n = params["n"]
+        kwargs = pipeline_kwargs(steps=params["steps"], size=(params["height"], params["width"]),
+                                 guidance=params["guidance"], negative_prompt=params["negative_prompt"],
+                                 embedded_model=embedded_model)
+        if n > 1:
+            kwargs["num_images_per_prompt"] = n
+        return pipe(params["prompt"], generator=generators(params["seed"], n), **kwargs).images
+
+    return run
+
+
+def warmup_requests(sizes, steps: int, guidance: float | None) -> list[dict]:
+    return [{"prompt": "warm-up", "negative_prompt": None, "height": h, "width": w, "steps": steps,
+             "guidance": guidance, "seed": 0, "n": 1} for h, w in sizes]
+
+
+def _stop_unless_rank0_drains(dispatcher, rank: int, name: str) -> None:
+    """A rank other than 0 got SIGTERM/SIGINT while serving. If rank 0 got it too (the launcher, torchrun and
+    systemd signal every rank), rank 0's next message says it is draining, and this rank waits for its stop.
+    Otherwise the signal was for this rank alone (e.g. the launcher stopping the survivors of a failed rank): it
+    exits once it is idle and no draining message came within a grace period."""
+    import threading
+
+    if getattr(dispatcher, "_stop_watch", None) is not None:
+        return
+    grace = 2 * dispatcher.tick_s + 3.0
+    asked = time.monotonic()
+
+    def watch() -> None:
+        while not dispatcher.draining_seen:
+            idle = time.monotonic() - max(asked, dispatcher.idle_since)
+            if not dispatcher.busy and idle > grace:
+                _log(f"paradiff serve: rank {rank}: {name} and rank 0 is not stopping the server; exiting")
+                os._exit(128 + signal.Signals[name].value)
+            time.sleep(0.2)
+
+    dispatcher._stop_watch = threading.Thread(target=watch, name="paradiff-stop-watch", daemon=True)
+    dispatcher._stop_watch.start()
+
+
+def serve(args: argparse.Namespace) -> int:
+    from paradiff import runtime
+    from paradiff.commands.generate import prepare_pipeline
+    from paradiff.serve.app import HttpServer, LateApp, ServeOptions, bind, create_app, url
+    from paradiff.serve.dispatch import Dispatcher, Phase, RankFailure
+    from paradiff.serve.metrics import Metrics
+
+    key = api_key(args)
+    rt = runtime.init(args.device)
+    dispatcher = Dispatcher(None, max_queue=args.max_queue, rank=rt.rank, world_size=rt.world_size,
+                            device=rt.device, log=_log)
+    http = None
+    serving = False
+
+    def on_signal(signum, frame):
+        name = signal.Signals(signum).name
+        if not serving:
+            raise _StopBeforeServing(name)
+        if rt.is_main:
+            dispatcher.request_stop()
+        elif not dispatcher.draining_seen:
+            _stop_unless_rank0_drains(dispatcher, rt.rank, name)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        if rt.is_main:
+            late = LateApp()
+            http = HttpServer(late, bind(args.host, args.port), log_level=args.log_level,
+                              limit_concurrency=max(64, 4 * args.max_queue + 16))
+            http.start()
+            _, port = http.address
+            address = url(args.host, port)
+            _log(f"paradiff serve: listening on {address} (loading; /health answers 503 until warm-up ends)")
+            if args.host not in ("127.0.0.1", "localhost", "::1") and key is None:
+                _log(f"paradiff serve: warning: listening on {args.host} without an API key: anyone who can reach "
+                     "this port can run generations (set PARADIFF_API_KEY)")
+        start = time.perf_counter()
+        rt, pipe = prepare_pipeline(args)
+        if hasattr(pipe, "set_progress_bar_config"):
+            pipe.set_progress_bar_config(disable=True)  # a bar per request on a server's log is noise
+        sizes = list(dict.fromkeys(args.sizes or [default_size(pipe)]))
+        dispatcher.runner = make_runner(pipe, embedded_model=args.model is None)
+        if rt.is_main:
+            options = ServeOptions(
+                sizes=sizes, steps=args.steps, guidance=args.guidance, timeout_s=args.timeout, api_key=key,
+                max_body_bytes=args.max_body_bytes, max_prompt_chars=args.max_prompt_chars,
+                max_images=args.max_images, max_steps=args.max_steps,
+                info={"model": args.model or "embedded reference model", "method": args.method,
+                      "ranks": rt.world_size, "device": rt.device.type})
+            metrics = Metrics(queue_depth=dispatcher.depth, busy=lambda: float(dispatcher.busy),
+                              ready=lambda: float(dispatcher.phase is Phase.READY))
+            dispatcher.watch = http.problem
+            late.app = create_app(options, dispatcher, metrics)
+            _log(f"paradiff serve: loaded in {time.perf_counter() - start:.1f} s on {rt.world_size} rank(s) "
+                 f"({rt.device.type}); warming up {', '.join(f'{h}x{w}' for h, w in sizes)}")
+        seconds = dispatcher.warm_up(warmup_requests(sizes, args.steps, args.guidance))
+        serving = True
+        if rt.is_main:
+            timings = ", ".join(f"{h}x{w} {s:.1f} s" for (h, w), s in zip(sizes, seconds))
+            _log(f"paradiff serve: ready on {address} (warm-up: {timings}; method {args.method}, "
+                 f"{rt.world_size} rank(s), queue {args.max_queue})")
+        dispatcher.run()
+    except RankFailure as err:
+        _log(f"paradiff serve: rank {rt.rank}: stopping: {err}. Exiting with an error so that a supervisor "
+             f"restarts the server (collective timeout {runtime.timeout_seconds():.0f} s, PARADIFF_TIMEOUT).")
+        return 1
+    except _StopBeforeServing as err:
+        _log(f"paradiff serve: rank {rt.rank}: {err} before serving started; stopped")
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if http is not None:
+            http.stop(timeout=1.0 if dispatcher.phase is Phase.FAILED else 15.0)
+    if rt.is_main:
+        _log("paradiff serve: stopped cleanly")
+    return 0

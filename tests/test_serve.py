@@ -1,0 +1,558 @@
+"""`paradiff serve`: validation, limits, overload, deadlines and disconnects on an in-process server (fake pipeline);
+the rank loop on 2 gloo ranks (same requests in the same order, failures, a rank that stops responding); and the
+real CLI on 2 ranks with the reference model (images equal to `generate`'s, overload, SIGTERM drain, killed rank)."""
+
+import io
+import json
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("prometheus_client")
+httpx = pytest.importorskip("httpx")
+
+from serve_utils import CliServer, FakeRunner, InProcessServer, metric_samples, sample  # noqa: E402
+
+KEY = "test-key-7f3a"
+
+
+def _image(data: bytes):
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+def _wait(condition, timeout=20.0):
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError("condition not reached")
+        time.sleep(0.02)
+
+
+# -- in-process: the HTTP side over a fake runner --------------------------------------------------------------
+
+
+def test_requests_are_validated_and_the_server_keeps_serving():
+    runner = FakeRunner()
+    server = InProcessServer(runner, api_key=KEY, max_images=3, max_steps=10, max_body_bytes=2000,
+                             max_prompt_chars=100)
+    auth = {"Authorization": f"Bearer {KEY}"}
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            bad = [
+                ({"prompt": "x", "size": "128x128"}, "is not served here; this server serves 32x48, 64x64"),
+                ({"prompt": "x", "colour": "red"}, "Extra inputs are not permitted"),
+                ({"prompt": "x", "image": "aGVsbG8="}, "not supported by this server yet"),
+                ({"prompt": "x", "n": 4, "response_format": "b64_json"}, "less than or equal to 3"),
+                ({"prompt": "x", "steps": 11}, "less than or equal to 10"),
+                ({"prompt": "x", "steps": "4"}, "valid integer"),
+                ({"prompt": "x", "n": 2}, "use 'b64_json' for n > 1"),
+                ({"prompt": "   "}, "prompt is blank"),
+                ({"prompt": "x" * 101}, "at most 100 characters"),
+                ({"prompt": "x", "output_format": "gif"}, "'png', 'jpeg' or 'webp'"),
+                ({}, "Field required"),
+            ]
+            for body, message in bad:
+                r = http.post("/v1/images", json=body, headers=auth)
+                assert r.status_code == 422 and message in r.text, (body, r.status_code, r.text)
+            r = http.post("/v1/images", content=b'{"prompt": "x",', headers={**auth, "Content-Type": "application/json"})
+            assert r.status_code == 422 and "json_invalid" in r.text
+            r = http.post("/v1/images", content=json.dumps({"prompt": "x" * 2500}), headers=auth)
+            assert r.status_code == 413 and "2000-byte limit" in r.text
+            r = http.post("/v1/images", content=iter([b'{"prompt": "x"}']), headers=auth)  # chunked: no length
+            assert r.status_code == 411
+            assert http.post("/v1/images", json={"prompt": "x"}).status_code == 401
+            r = http.post("/v1/images", json={"prompt": "x"}, headers={"Authorization": "Bearer wrong"})
+            assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer"
+            assert http.get("/metrics").status_code == 401
+            assert runner.calls == []  # nothing reached the ranks
+
+            r = http.post("/v1/images", json={"prompt": "a circle", "seed": 7}, headers={"X-API-Key": KEY})
+            assert r.status_code == 200 and r.headers["content-type"] == "image/png" and r.headers["X-Seed"] == "7"
+            image = _image(r.content)
+            assert image.size == (48, 32) and image.getpixel((0, 0)) == (7, 0, 4)  # default size, steps; seed 7
+            r = http.post("/v1/images", json={"prompt": "a circle", "seed": 5, "size": "64", "n": 3, "steps": 9,
+                                              "response_format": "b64_json", "output_format": "jpeg"}, headers=auth)
+            assert r.status_code == 200
+            payload = r.json()
+            assert [item["seed"] for item in payload["images"]] == [5, 6, 7] and payload["size"] == "64x64"
+            import base64
+
+            for item in payload["images"]:
+                decoded = _image(base64.b64decode(item["b64_json"]))
+                assert decoded.format == "JPEG" and decoded.size == (64, 64)
+                assert abs(decoded.getpixel((8, 8))[0] - item["seed"]) <= 2
+            r = http.post("/v1/images", json={"prompt": "x", "output_format": "webp"}, headers=auth)
+            assert r.status_code == 200 and _image(r.content).format == "WEBP" and int(r.headers["X-Seed"]) >= 0
+            r = http.post("/v1/images", json={"prompt": "fail please"}, headers=auth)
+            assert r.status_code == 500 and "ValueError: this prompt fails" in r.text
+            assert http.post("/v1/images", json={"prompt": "still serving"}, headers=auth).status_code == 200
+            assert runner.calls[1]["guidance"] is None and runner.calls[1]["negative_prompt"] is None
+
+            from paradiff.client import Client, ServerError
+
+            client = Client(server.url, api_key=KEY)
+            images = client.generate("two", size=64, seed=11, n=2)
+            assert [im.getpixel((0, 0))[0] for im in images] == [11, 12] and client.last_headers["x-seed"] == "11"
+            with pytest.raises(ServerError, match="size: Value error, size '96x96' is not served here") as err:
+                client.generate("x", size=96)
+            assert err.value.status == 422
+            with pytest.raises(ServerError, match="valid API key") as err:
+                Client(server.url, api_key="wrong").generate("x")
+            assert err.value.status == 401
+            health = http.get("/health")
+            assert health.status_code == 200 and health.json()["status"] == "ready"
+            assert http.get("/openapi.json").json()["paths"]["/v1/images"]["post"]
+            samples = metric_samples(http.get("/metrics", headers=auth).text)
+        assert sample(samples, "paradiff_images_total", size="32x48") == 3
+        assert sample(samples, "paradiff_images_total", size="64x64") == 5
+        assert sample(samples, "paradiff_failures_total", reason="invalid") == len(bad) + 2
+        assert sample(samples, "paradiff_failures_total", reason="too_large") == 2
+        assert sample(samples, "paradiff_failures_total", reason="unauthorized") == 4
+        assert sample(samples, "paradiff_failures_total", reason="error") == 1
+        assert sample(samples, "paradiff_requests_total", code="200") == 5
+        assert sample(samples, "paradiff_requests_total", code="422") == len(bad) + 2
+        assert sample(samples, "paradiff_request_seconds_count", size="32x48") == 3
+        assert sample(samples, "paradiff_queue_depth") == 0 and sample(samples, "paradiff_ready") == 1
+    finally:
+        server.close()
+
+
+def _post_in_thread(url, body, results, key):
+    def post():
+        with httpx.Client(base_url=url, timeout=60) as http:
+            r = http.post("/v1/images", json=body)
+            results[key] = (r.status_code, r.headers.get("X-Seed"), r.headers.get("Retry-After"), r.text[:200])
+
+    thread = threading.Thread(target=post)
+    thread.start()
+    return thread
+
+
+def test_overload_disconnect_deadline_and_drain():
+    runner = FakeRunner()
+    server = InProcessServer(runner, max_queue=3, ready=False)
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            r = http.get("/health")
+            assert r.status_code == 503 and r.json()["status"] == "loading" and "Retry-After" in r.headers
+            r = http.post("/v1/images", json={"prompt": "too early"})
+            assert r.status_code == 503 and "loading" in r.text and int(r.headers["Retry-After"]) > 0
+            server.start_loop()
+            runner.gate.clear()  # the ranks are busy with the first request until the gate opens
+            results, threads = {}, []
+            threads.append(_post_in_thread(server.url, {"prompt": "A", "seed": 1}, results, "A"))
+            _wait(runner.started.is_set)
+            for name, seed in (("B", 2), ("C", 3)):
+                threads.append(_post_in_thread(server.url, {"prompt": name, "seed": seed}, results, name))
+            _wait(lambda: server.dispatcher.depth() == 2)
+            # a client that goes away while queued: its request never reaches the ranks
+            body = json.dumps({"prompt": "gone", "seed": 9}).encode()
+            gone = socket.create_connection(("127.0.0.1", server.http.address[1]))
+            gone.sendall(b"POST /v1/images HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            _wait(lambda: server.dispatcher.depth() == 3)
+            r = http.post("/v1/images", json={"prompt": "D"})
+            assert r.status_code == 503 and "queue is full" in r.text and int(r.headers["Retry-After"]) >= 1
+            gone.close()
+            _wait(lambda: server.dispatcher.depth() == 2)
+            threads.append(_post_in_thread(server.url, {"prompt": "E", "seed": 5}, results, "E"))
+            _wait(lambda: server.dispatcher.depth() == 3)
+            # SIGTERM's effect: refuse new requests, finish the accepted ones, then stop
+            server.dispatcher.request_stop()
+            r = http.post("/v1/images", json={"prompt": "late"})
+            assert r.status_code == 503 and "shutting down" in r.text
+            assert http.get("/health").json()["status"] == "draining"
+            runner.gate.set()
+            for thread in threads:
+                thread.join(30)
+            server.loop.join(10)
+            assert not server.loop.is_alive() and server.dispatcher.phase.value == "stopped"
+            assert {k: v[:2] for k, v in results.items()} == {"A": (200, "1"), "B": (200, "2"), "C": (200, "3"),
+                                                              "E": (200, "5")}
+            prompts = [c["prompt"] for c in runner.calls]  # B and C were sent at the same time: either order
+            assert prompts[0] == "A" and sorted(prompts[1:3]) == ["B", "C"] and prompts[3:] == ["E"]  # not "gone"
+            samples = metric_samples(server.metrics.render()[0].decode())
+            assert sample(samples, "paradiff_failures_total", reason="disconnected") == 1
+            assert sample(samples, "paradiff_failures_total", reason="overloaded") == 1
+            assert sample(samples, "paradiff_failures_total", reason="not_ready") == 2
+    finally:
+        runner.gate.set()
+        server.close()
+
+
+def test_request_deadline():
+    runner = FakeRunner()
+    server = InProcessServer(runner, timeout_s=0.6)
+    try:
+        runner.gate.clear()
+        results = {}
+        first = _post_in_thread(server.url, {"prompt": "slow"}, results, "running")
+        _wait(runner.started.is_set)
+        second = _post_in_thread(server.url, {"prompt": "waits"}, results, "queued")
+        first.join(20)
+        second.join(20)
+        assert results["running"][0] == 504 and "while generating" in results["running"][3]
+        assert results["queued"][0] == 504 and "in the queue" in results["queued"][3]
+        runner.gate.set()
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            assert http.post("/v1/images", json={"prompt": "fast"}).status_code == 200
+        assert [c["prompt"] for c in runner.calls] == ["slow", "fast"]
+    finally:
+        runner.gate.set()
+        server.close()
+
+
+# -- the rank loop on 2 gloo ranks -------------------------------------------------------------------------------
+
+
+def _loop_on_two_ranks():
+    from paradiff import runtime
+    from paradiff.serve.dispatch import Dispatcher, RankFailure
+
+    rt = runtime.get()
+    calls = []
+
+    def runner(params):
+        calls.append(params["prompt"])
+        if params["prompt"] == "fails everywhere" or (params["prompt"] == "fails on rank 1" and rt.rank == 1):
+            raise ValueError("no")
+        return [f"{params['prompt']} on rank {rt.rank}"]
+
+    d = Dispatcher(runner, max_queue=8, rank=rt.rank, world_size=rt.world_size, device=rt.device, tick_s=0.05,
+                   log=lambda line: None)
+    jobs = []
+
+    def client():
+        _wait(lambda: d.phase.value == "ready")
+        for prompt in ("a", "b", "fails everywhere", "c", "fails on rank 1", "never runs"):
+            jobs.append(d.submit({"prompt": prompt}))
+            time.sleep(0.15)  # ticks in between
+
+    if rt.is_main:
+        threading.Thread(target=client, daemon=True).start()
+    try:
+        d.run()
+        error = None
+    except RankFailure as err:
+        error = str(err)
+    outcomes = []
+    for job in jobs:
+        try:
+            outcomes.append(job.future.result(5))
+        except Exception as err:  # noqa: BLE001
+            outcomes.append(type(err).__name__)
+    return calls, error, outcomes, d.phase.value
+
+
+@pytest.mark.slow
+def test_every_rank_runs_the_same_requests_and_an_inconsistent_failure_stops_all():
+    from distributed import run_ranks
+
+    (calls0, error0, outcomes, phase0), (calls1, error1, _, phase1) = run_ranks(_loop_on_two_ranks, 2, timeout=120)
+    assert calls0 == calls1 == ["a", "b", "fails everywhere", "c", "fails on rank 1"]
+    assert outcomes == [["a on rank 0"], ["b on rank 0"], "ValueError", ["c on rank 0"], "ServerStopping",
+                        "ServerStopping"]
+    for error in (error0, error1):
+        assert "request 5 failed on rank(s) 1 but not on the others" in error
+    assert phase0 == "failed"
+
+
+def _rank1_stops_responding():
+    from paradiff import runtime
+    from paradiff.serve.dispatch import Dispatcher, RankFailure
+
+    rt = runtime.get()
+    if rt.rank == 1:
+        time.sleep(8)  # alive but never takes part again, as a stuck process
+        return None
+    d = Dispatcher(lambda params: [], rank=0, world_size=2, device=rt.device, log=lambda line: None)
+    start = time.monotonic()
+    try:
+        d.run()
+    except RankFailure as err:
+        return time.monotonic() - start, str(err), d.phase.value
+    return None
+
+
+@pytest.mark.slow
+def test_an_idle_rank_that_stops_responding_is_found_within_the_timeout():
+    from distributed import run_ranks
+
+    seconds, error, phase = run_ranks(_rank1_stops_responding, 2, env={"PARADIFF_TIMEOUT": "3"}, timeout=120)[0]
+    assert "a rank died or stopped responding" in error and "Timed out" in error
+    assert phase == "failed"
+    assert seconds < 3 + 3, f"found after {seconds:.1f} s"
+
+
+# -- the real CLI: `paradiff serve --nproc 2` with the reference model -------------------------------------------
+
+STEPS = 4
+SPECS = [  # (prompt, seed, guidance, negative prompt): 8 different generations, each requested 4 times
+    ("a red circle on the left, blue background", 1, None, None),
+    ("a large yellow star at the top, purple background", 2, None, None),
+    ("a small green square on the right, white background", 3, 5.0, None),
+    ("a blue triangle in the middle, orange background", 4, None, "red"),
+    ("a purple circle at the bottom, yellow background", 5, 2.0, None),
+    ("a large white star in the middle, black background", 6, None, None),
+    ("a small orange square at the top, green background", 7, None, None),
+    ("a red triangle on the right, gray background", 8, 4.0, "blue"),
+]
+SERVED = {"images": 0, "overloaded": 0}  # what the tests below got from the shared server, for the metrics check
+
+
+def _generate_args(prompt, seed, guidance, negative, method="patch"):
+    from paradiff.cli import build_parser
+
+    argv = ["generate", prompt, "--method", method, "--steps", str(STEPS), "--size", "128", "--seed", str(seed)]
+    if guidance is not None:
+        argv += ["--guidance", str(guidance)]
+    if negative is not None:
+        argv += ["--negative-prompt", negative]
+    return build_parser().parse_args(argv)
+
+
+def _generate_reference(specs):
+    """What `paradiff generate --method patch --nproc 2 ...` makes for each spec: generate's own functions."""
+    from paradiff.commands.generate import call_kwargs, generators, prepare_pipeline
+
+    rt, pipe = prepare_pipeline(_generate_args(*specs[0]))
+    images = []
+    for spec in specs:
+        args = _generate_args(*spec)
+        images.append(np.asarray(pipe(args.prompt, generator=generators(args.seed), **call_kwargs(args)).images[0]))
+    return images if rt.is_main else None
+
+
+def _body(spec, **extra):
+    prompt, seed, guidance, negative = spec
+    body = {"prompt": prompt, "seed": seed, **extra}
+    if guidance is not None:
+        body["guidance"] = guidance
+    if negative is not None:
+        body["negative_prompt"] = negative
+    return body
+
+
+@pytest.fixture(scope="module")
+def patch_server(tmp_path_factory):
+    """One `serve --nproc 2 --method patch` for the tests below; /health is polled from the moment it listens."""
+    log = tmp_path_factory.mktemp("serve") / "patch-server.log"
+    server = CliServer("--nproc", "2", "--method", "patch", "--steps", str(STEPS), "--sizes", "128",
+                       "--max-queue", "8", "--timeout", "180", env={"PARADIFF_API_KEY": KEY}, log_path=str(log))
+    try:
+        server.wait_listening()
+        server.health_codes = []
+
+        def poll():
+            end = time.monotonic() + 300
+            while time.monotonic() < end:
+                try:
+                    code = httpx.get(server.url + "/health", timeout=5).status_code
+                except httpx.HTTPError:
+                    code = None
+                server.health_codes.append(code)
+                if code == 200:
+                    return
+                time.sleep(0.2)
+
+        server.poller = threading.Thread(target=poll, daemon=True)
+        server.poller.start()
+        yield server
+    finally:
+        server.kill()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from distributed import run_ranks
+
+    return run_ranks(_generate_reference, 2, SPECS, timeout=300)[0]
+
+
+@pytest.mark.slow
+def test_concurrent_clients_get_the_images_generate_makes(patch_server, reference):
+    from paradiff.client import Client
+
+    patch_server.poller.join(300)
+    codes = patch_server.health_codes
+    assert codes[-1] == 200 and 503 in codes and 200 not in codes[:-1], codes  # 503 until warm-up ended
+    results, errors = {}, []
+
+    def client(c):
+        api = Client(patch_server.url, api_key=KEY, timeout=240)
+        for j in range(4):
+            k = (c + 3 * j) % len(SPECS)
+            prompt, seed, guidance, negative = SPECS[k]
+            try:
+                image = api.generate(prompt, seed=seed, guidance=guidance, negative_prompt=negative)
+                results[(c, j)] = (k, np.asarray(image))
+            except Exception as err:  # noqa: BLE001
+                errors.append(repr(err))
+
+    start = time.monotonic()
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    seconds = time.monotonic() - start
+    assert errors == [] and len(results) == 32
+    for k, image in results.values():
+        assert image.shape == (128, 128, 3) and np.array_equal(image, reference[k]), f"spec {k} differs"
+    SERVED["images"] += 32
+    # n = 2: image i is seed + i's image, up to the rounding of the batched call
+    pair = Client(patch_server.url, api_key=KEY).generate(SPECS[0][0], seed=SPECS[0][1], n=2)
+    assert len(pair) == 2
+    assert np.abs(np.asarray(pair[0]).astype(int) - reference[0].astype(int)).max() <= 2
+    SERVED["images"] += 2
+    print(f"32 requests from 8 clients in {seconds:.1f} s")
+
+
+@pytest.mark.slow
+def test_bad_requests_get_4xx_and_the_server_keeps_serving(patch_server, reference):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    url = patch_server.url + "/v1/images"
+    with httpx.Client(timeout=120) as http:
+        assert http.post(url, content=b"{not json", headers={**auth, "Content-Type": "application/json"}
+                         ).status_code == 422
+        assert http.post(url, json={"prompt": "x", "size": "256x256"}, headers=auth).status_code == 422
+        assert http.post(url, json={"prompt": "x", "sampler": "euler"}, headers=auth).status_code == 422
+        assert http.post(url, json={"prompt": "x" * 100_000}, headers=auth).status_code == 413
+        assert http.post(url, json={"prompt": "x"}, headers={"Authorization": "Bearer nope"}).status_code == 401
+        assert http.post(url, json={"prompt": "x"}).status_code == 401
+        r = http.post(url, json=_body(SPECS[1]), headers=auth)
+    assert r.status_code == 200 and np.array_equal(np.asarray(_image(r.content)), reference[1])
+    SERVED["images"] += 1
+
+
+@pytest.mark.slow
+def test_overload_gives_503_and_loses_none_of_the_accepted(patch_server, reference):
+    """20 requests at once at a queue of 8: the ones refused get 503 + Retry-After, every accepted one its image."""
+    results = {}
+
+    def post(i):
+        k = i % len(SPECS)
+        r = httpx.post(patch_server.url + "/v1/images", json=_body(SPECS[k]), headers={"X-API-Key": KEY},
+                       timeout=240)
+        results[i] = (k, r.status_code, r.headers.get("Retry-After"), r.content)
+
+    threads = [threading.Thread(target=post, args=(i,)) for i in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    assert len(results) == 20
+    refused = [r for r in results.values() if r[1] == 503]
+    accepted = [r for r in results.values() if r[1] == 200]
+    assert len(refused) + len(accepted) == 20 and refused and len(accepted) >= 9
+    assert all(int(r[2]) >= 1 for r in refused)
+    for k, _, _, content in accepted:
+        assert np.array_equal(np.asarray(_image(content)), reference[k])
+    SERVED["images"] += len(accepted)
+    SERVED["overloaded"] += len(refused)
+
+
+@pytest.mark.slow
+def test_metrics_parse_and_count_what_was_served(patch_server):
+    r = httpx.get(patch_server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    samples = metric_samples(r.text)
+    assert sample(samples, "paradiff_images_total", size="128x128") == SERVED["images"]
+    assert sample(samples, "paradiff_failures_total", reason="overloaded") == SERVED["overloaded"]
+    assert sample(samples, "paradiff_ready") == 1 and sample(samples, "paradiff_queue_depth") == 0
+    assert sample(samples, "paradiff_generation_seconds_count", size="128x128") > 0
+    assert httpx.get(patch_server.url + "/metrics", timeout=30).status_code == 401
+
+
+@pytest.mark.slow
+def test_sigterm_drains_the_queue_and_exits_0(patch_server, reference):
+    results = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, httpx.post(
+        patch_server.url + "/v1/images", json=_body(SPECS[i]), headers={"X-API-Key": KEY}, timeout=240)))
+        for i in range(4)]
+    for thread in threads:
+        thread.start()
+    _wait(lambda: httpx.get(patch_server.url + "/health", timeout=5).json()["queue"] >= 2, timeout=60)
+    start = time.monotonic()
+    patch_server.proc.send_signal(__import__("signal").SIGTERM)  # what a supervisor sends to the launcher
+    _wait(lambda: httpx.get(patch_server.url + "/health", timeout=5).status_code == 503, timeout=10)
+    late = httpx.post(patch_server.url + "/v1/images", json=_body(SPECS[0]), headers={"X-API-Key": KEY}, timeout=30)
+    assert late.status_code == 503 and "shutting down" in late.text
+    for thread in threads:
+        thread.join(120)
+    assert rc_after(patch_server, 60) == 0, patch_server.output()
+    assert sorted(results) == [0, 1, 2, 3]
+    for i, r in results.items():
+        assert r.status_code == 200 and np.array_equal(np.asarray(_image(r.content)), reference[i])
+    output = patch_server.output()
+    assert "stopped cleanly" in output and "Traceback" not in output
+    print(f"drained and stopped {time.monotonic() - start:.1f} s after SIGTERM")
+
+
+def rc_after(server, timeout):
+    try:
+        return server.proc.wait(timeout)
+    except Exception:  # noqa: BLE001 - subprocess.TimeoutExpired
+        return None
+
+
+@pytest.mark.slow
+def test_a_killed_rank_ends_the_server_with_an_error(tmp_path):
+    import signal
+
+    server = CliServer("--nproc", "2", "--method", "cfg", "--steps", str(STEPS), log_path=str(tmp_path / "log"))
+    try:
+        server.wait_listening()
+        _wait(lambda: httpx.get(server.url + "/health", timeout=5).status_code == 200, timeout=240)
+        assert httpx.post(server.url + "/v1/images", json={"prompt": "a red circle"}, timeout=120).status_code == 200
+        result = {}
+        inflight = threading.Thread(target=lambda: result.__setitem__("r", _post_or_error(server.url)))
+        inflight.start()
+        rank1 = server.rank_pids()[1]
+        start = time.monotonic()
+        __import__("os").kill(rank1, signal.SIGKILL)
+        rc = rc_after(server, 60)
+        seconds = time.monotonic() - start
+        inflight.join(30)
+        output = server.output()
+        assert rc not in (None, 0), output
+        assert seconds < 60
+        assert "rank 1 failed (killed by SIGKILL" in output
+        assert result["r"] in (503, "connection error"), result  # answered or cut, not left hanging
+        print(f"ended {seconds:.1f} s after rank 1 was killed (exit {rc})")
+    finally:
+        server.kill()
+
+
+def _post_or_error(url):
+    try:
+        return httpx.post(url + "/v1/images", json={"prompt": "in flight", "steps": 20}, timeout=90).status_code
+    except httpx.HTTPError:
+        return "connection error"
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--nproc", "2"], {}, "needs a parallel --method"),
+    (["--steps", "200", "--max-steps", "100"], {}, "--steps 200 is more than --max-steps 100"),
+    (["--sizes", "128x100"], {}, "multiples of 8"),
+    ([], {"PARADIFF_API_KEY": " "}, "the API key is empty"),
+    (["--port", "PORT_IN_USE"], {}, "cannot listen on 127.0.0.1:"),
+])
+def test_serve_mistakes_give_one_clear_line(args, env, message):
+    from cli_utils import run_cli
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        args = [str(busy.getsockname()[1]) if a == "PORT_IN_USE" else a for a in args]
+        proc, seconds = run_cli("serve", *args, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr

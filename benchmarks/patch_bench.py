@@ -137,9 +137,9 @@ def run_loop(step, kwargs, steps, timer, reset=None, progress=None):
     return timer.steps_ms()
 
 
-# The collectives --emulate-ranks replaces, by name, and a local stand-in of the same result shape for rank 0 of N.
-# Commit 2c12c57 keeps them in the module `paradiff.comm`; since then `paradiff.comm` is a package whose
-# `collectives` defines `_all_gather` and whose `stale` imports it and defines `_start_all_gather`/`_wait_started`.
+# The collectives --emulate-ranks replaces, by name, and a local stand-in of the same result shape for rank 0 of N,
+# for trees before the execution core (2c12c57 keeps them in the module `paradiff.comm`). Since the core, the seam
+# `paradiff.comm.emulate` swaps `paradiff.comm.collectives.backend` instead.
 _COMM_MODULES = ("paradiff.comm", "paradiff.comm.collectives", "paradiff.comm.stale")
 _FAKES = {
     "_all_gather": lambda x, dim, group: torch.cat([x] * dist.get_world_size(group), dim=dim),
@@ -159,6 +159,16 @@ def fake_collectives(on: bool) -> list[str]:
     """
     import importlib
 
+    try:  # the execution core's seam: one swappable backend for the traced collectives
+        from paradiff.comm import collectives, emulate
+    except ImportError:
+        emulate = None
+    if emulate is not None and hasattr(collectives, "backend"):
+        if on and not emulate.active():
+            collectives.backend = emulate.LocalCopies(dist.get_world_size())
+        elif not on:
+            collectives.backend = collectives.Collectives()
+        return ["paradiff.comm.collectives.backend"] if on else []
     if not on:
         for module, attr, real in getattr(fake_collectives, "patched", []):
             setattr(module, attr, real)
@@ -193,8 +203,8 @@ def fake_collectives(on: bool) -> list[str]:
 
 
 def bench_config(name, args, rt, device, dtype):
-    from paradiff.methods.cfg import apply_to_module as apply_cfg
-    from paradiff.methods.patch import PatchParallel, apply_to_unet
+    from paradiff import CFGParallel, PatchParallel
+    from paradiff.parallel import parallelize_module
 
     on_gpu = device.type == "cuda"
     backend = args.compile_backend or ("inductor" if on_gpu else None)
@@ -222,37 +232,26 @@ def bench_config(name, args, rt, device, dtype):
         if name == "cfg":
             dims = {"cfg": 2}
         mesh = make_mesh(dims, args, device)
-        if "cfg" in dims:
-            apply_cfg(unet, mesh.get_group("cfg"))
+        methods = []
+        if "cfg" in dims:  # alone, CFG parallel compiles and replays its half of the call itself
+            methods.append(CFGParallel(compile=compile_opts, cuda_graph=on_gpu) if len(dims) == 1 else CFGParallel())
         if "patch" in dims:
             eager = name in ("patch-eager", "patch-graph")
-            hook = apply_to_unet(unet, mesh.get_group("patch"), PatchParallel(
-                warmup_steps=args.warmup_steps, compile=False if eager else compile_opts,
-                cuda_graph=on_gpu and name != "patch-eager"))
-            reset, stale_from, step = hook.reset, args.warmup_steps, unet
-        else:  # CFG alone: compile the hooked UNet, replay from a CUDA graph like the patch step
-            step = torch.compile(unet, backend=backend) if backend else unet
-            if on_gpu:
-                from paradiff.cudagraph import GraphRunner
-
-                compiled, runner, calls = step, None, [0]
-
-                def step(**kw):  # two compiled calls, then the CUDA graph
-                    nonlocal runner
-                    calls[0] += 1
-                    if calls[0] <= 2:
-                        return compiled(**kw)
-                    runner = runner or GraphRunner(compiled)
-                    return runner(**kw)
+            methods.append(PatchParallel(warmup_steps=args.warmup_steps, compile=False if eager else compile_opts,
+                                         cuda_graph=on_gpu and name != "patch-eager"))
+            stale_from = args.warmup_steps
+            hook = methods[-1]
+        target = parallelize_module(unet, *methods, groups={d: mesh.get_group(d) for d in dims})
+        reset, step = target.start, unet
     timer = Timer(device)
     run_loop(step, kwargs, args.steps, timer, reset, progress)  # compile, capture, warm caches
     loops = [run_loop(step, kwargs, args.steps, timer, reset) for _ in range(args.repeat)]
     if fake:
         fake_collectives(False)
     steady = [t for loop in loops for t in loop[max(stale_from, 1):]]
-    graphs = getattr(hook, "_graphs", {})
+    runner = getattr(getattr(hook, "hook", None), "_runner", None)
     result = {"config": name, "step_ms": statistics.median(steady),
-              "cuda_graph_replays": {("sync" if sync else "stale"): runner.replays for sync, runner in graphs.items()},
+              "cuda_graph_replays": getattr(runner, "replays", None),
               "loop_ms": statistics.median(sum(loop) for loop in loops),
               "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if on_gpu else None}
     del unet, step
@@ -271,16 +270,13 @@ def init_runtime(args):
     """The real runtime, or (--emulate-ranks N) rank 0 of N over a fake process group in this one process."""
     if not args.emulate_ranks:
         return runtime.init()
-    from torch.testing._internal.distributed.fake_pg import FakeStore
+    from paradiff.comm import emulate
 
     if args.emulate_ranks < 2:
         raise SystemExit("--emulate-ranks needs N >= 2.")
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=args.emulate_ranks)
-    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return runtime.Runtime(rank=0, world_size=args.emulate_ranks, local_rank=0, local_world_size=1, device=device,
-                           backend="fake (emulated, collectives are local copies)")
+    rt = emulate.start(args.emulate_ranks)
+    emulate.collectives.backend = emulate.collectives.Collectives()  # real ops until a config fakes them
+    return rt
 
 
 def setup(args):

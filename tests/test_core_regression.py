@@ -10,27 +10,32 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_fake_collectives_replaces_every_binding():
+def test_fake_collectives_uses_the_emulation_seam():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import patch_bench
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    from paradiff.comm import collectives, stale
+    from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    real = collectives._all_gather, stale._all_gather, stale._start_all_gather, stale._wait_started
-    replaced = patch_bench.fake_collectives(True)
+    from paradiff.comm import collectives, emulate
+
+    torch.distributed.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
     try:
-        assert {"paradiff.comm.collectives._all_gather", "paradiff.comm.stale._all_gather",
-                "paradiff.comm.stale._start_all_gather", "paradiff.comm.stale._wait_started"} <= set(replaced)
-        assert collectives._all_gather is stale._all_gather is patch_bench._FAKES["_all_gather"]
-    finally:
+        assert patch_bench.fake_collectives(True) == ["paradiff.comm.collectives.backend"]
+        assert emulate.active()
+        x = torch.arange(3.0)
+        assert collectives.all_gather(x, 0, torch.distributed.group.WORLD).tolist() == [0.0, 1.0, 2.0] * 2
         patch_bench.fake_collectives(False)
-    assert (collectives._all_gather, stale._all_gather, stale._start_all_gather, stale._wait_started) == real
+        assert not emulate.active()
+    finally:
+        collectives.backend = collectives.Collectives()
+        torch.distributed.destroy_process_group()
 
 
 @pytest.mark.slow

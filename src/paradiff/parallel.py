@@ -202,8 +202,6 @@ def parallelize(pipe: Any, *methods: ParallelMethod, device: str | None = None,
     """
     if not methods:
         raise UserError("parallelize() needs at least one method, e.g. paradiff.PatchParallel().")
-    if parallelized(pipe) is not None:
-        raise UserError("this pipeline is already parallelized; call paradiff.unparallelize(pipe) first.")
     rt = runtime.init(device)
     dims = resolve_mesh_dims(methods, rt.world_size)
     for name, size in dims.items():
@@ -212,6 +210,8 @@ def parallelize(pipe: Any, *methods: ParallelMethod, device: str | None = None,
                 f"the {name!r} method needs at least 2 ranks but gets {size}; start the job with more ranks "
                 "(--nproc N or torchrun --nproc-per-node N)."
             )
+    if parallelized(pipe) is not None:
+        raise UserError("this pipeline is already parallelized; call paradiff.unparallelize(pipe) first.")
     mesh = runtime.mesh(dims)
     pipe.to(rt.device)
     target = Parallelized(denoiser_of(pipe), methods, {name: mesh.get_group(name) for name in dims}, rt.device,

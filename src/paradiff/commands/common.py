@@ -29,6 +29,22 @@ positive_int = _int_at_least(1)
 non_negative_int = _int_at_least(0)
 
 
+def float_between(low: float, high: float | None, what: str, example: str):
+    """An argparse type: a number strictly between `low` and `high` (None: no upper bound)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not (value > low and (high is None or value < high)):
+            bound = f"more than {low:g}" if high is None else f"between {low:g} and {high:g}"
+            raise argparse.ArgumentTypeError(f"must be {bound} ({example}), got {text}")
+        return value
+
+    return parse
+
+
 def image_size(text: str) -> tuple[int, int]:
     """'512' or 'HxW' ('768x1024'); both sides multiples of 8 (the VAE downsamples by 8)."""
     parts = text.lower().replace("*", "x").split("x")

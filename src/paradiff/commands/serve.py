@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from paradiff.commands.common import (add_model_args, add_parallel_args, check_before_launch, image_size,
-                                      non_negative_int, positive_int)
+from paradiff.commands.common import (add_model_args, add_parallel_args, check_before_launch, float_between,
+                                      image_size, non_negative_int, positive_int)
 
 
 def size_list(text: str) -> list[tuple[int, int]]:
@@ -22,14 +22,7 @@ def port_number(text: str) -> int:
     return value
 
 
-def seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
-    return value
+seconds = float_between(0, None, "a number of seconds", "e.g. 300")
 
 
 def add_parser(sub) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from paradiff.commands.common import (SaidWithFlag, add_model_args, image_size, load_model, non_negative_int,
-                                      positive_int)
+from paradiff.commands.common import (SaidWithFlag, add_model_args, float_between, image_size, load_model,
+                                      non_negative_int, positive_int)
 
 
 def t_index_list(text: str) -> list[int]:
@@ -19,14 +19,7 @@ def t_index_list(text: str) -> list[int]:
     return values
 
 
-def threshold(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (e.g. 0.98), got {value}")
-    return value
+threshold = float_between(0, 1, "a number between 0 and 1", "e.g. 0.98")
 
 
 def add_parser(sub) -> None:

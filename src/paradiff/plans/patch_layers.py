@@ -32,13 +32,17 @@ def auto_gn_mode(patch_rows: int) -> str:
     return "corrected" if patch_rows >= CORRECTED_MIN_ROWS else "stale"
 
 
-class HaloConv2d(ModelHook):
-    """Conv over this rank's rows plus `padding` halo rows from each neighbour (zeros at the image border)."""
+class _Exchanging(ModelHook):
+    """A layer hook that owns one slot of the step's activation exchange."""
 
     def __init__(self, exchange: StaleExchange):
         super().__init__()
         self.exchange = exchange
         self.slot = exchange.slot()
+
+
+class HaloConv2d(_Exchanging):
+    """Conv over this rank's rows plus `padding` halo rows from each neighbour (zeros at the image border)."""
 
     def new_forward(self, module: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         p = module.padding[0]
@@ -52,13 +56,8 @@ class HaloConv2d(ModelHook):
                         module.groups)
 
 
-class FullKV(ModelHook):
+class FullKV(_Exchanging):
     """After `to_k`/`to_v` of a self-attention: the other ranks' tokens joined to this rank's fresh ones."""
-
-    def __init__(self, exchange: StaleExchange):
-        super().__init__()
-        self.exchange = exchange
-        self.slot = exchange.slot()
 
     def post_forward(self, module: torch.nn.Module, output: torch.Tensor) -> torch.Tensor:
         ex = self.exchange
@@ -67,7 +66,7 @@ class FullKV(ModelHook):
         return torch.cat(parts, dim=1)
 
 
-class PatchGroupNorm(ModelHook):
+class PatchGroupNorm(_Exchanging):
     """GroupNorm with whole-image statistics; `mode` says how they are formed in a stale step.
 
     sync: exact, all-gathered every step. separate: this patch's own statistics.
@@ -77,10 +76,8 @@ class PatchGroupNorm(ModelHook):
     """
 
     def __init__(self, exchange: StaleExchange, mode: str):
-        super().__init__()
-        self.exchange = exchange
+        super().__init__(exchange)
         self.mode = mode
-        self.slot = exchange.slot()
 
     def new_forward(self, module: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
         ex = self.exchange

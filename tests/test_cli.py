@@ -118,3 +118,16 @@ def test_compile_is_asked_for_not_assumed():
     assert denoise.compile is True and cfg.compile is True
     (cfg,) = methods_from_args(parser.parse_args(["generate", "x", "--method", "cfg", "--compile"]))
     assert cfg.compile is True  # the measured CFG configuration, through the CLI
+
+
+def test_library_errors_say_the_flag_the_user_typed():
+    """Library messages name API arguments; the CLI re-says them with the flag (one rule for every command)."""
+    import argparse
+
+    from paradiff.cli import _with_flags
+
+    args = argparse.Namespace(device="cuda", arch="sdxl")
+    assert _with_flags("device='cuda' was asked for, but ...", args) == "--device cuda was asked for, but ..."
+    assert _with_flags("arch='sdxl': unknown pipeline class.", args) == "--arch sdxl: unknown pipeline class."
+    assert _with_flags("steps=3: too few", args) == "steps=3: too few"  # not an option of this command
+    assert _with_flags("a plain sentence.", args) == "a plain sentence."

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 from paradiff.errors import UserError
@@ -42,6 +43,18 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", module="huggingface_hub")
 
 
+_API_ARGUMENT = re.compile(r"^(\w+)=('[^']*'|\"[^\"]*\"|\S+?)(?=[:, ])")
+
+
+def _with_flags(message: str, args: argparse.Namespace) -> str:
+    """Library errors name API arguments (`device='cuda' ...`); say the flag the user typed (`--device cuda`)."""
+    match = _API_ARGUMENT.match(message)
+    if match is None or not hasattr(args, match.group(1)):
+        return message
+    name, value = match.group(1), match.group(2).strip("'\"")
+    return f"--{name.replace('_', '-')} {value}{message[match.end():]}"
+
+
 def _launch_or_run(args: argparse.Namespace, argv: list[str]) -> int:
     """Start `--nproc N` ranks that re-run this command line (after the launch checks), or run it in this process."""
     import os
@@ -73,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _launch_or_run(args, argv)
     except UserError as err:
-        print(f"paradiff: error: {err}", file=sys.stderr)
+        print(f"paradiff: error: {_with_flags(str(err), args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("paradiff: interrupted", file=sys.stderr)

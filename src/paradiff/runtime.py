@@ -66,7 +66,7 @@ def _pick_device(requested: str | None, local_rank: int, world_size: int, local_
     kind = (requested or ("cuda" if torch.cuda.is_available() else "cpu")).lower()
     if kind.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise UserError("--device cuda was asked for, but PyTorch sees no CUDA GPU on this machine.")
+            raise UserError("device='cuda' was asked for, but PyTorch sees no CUDA GPU on this machine.")
         count = torch.cuda.device_count()
         if ":" in kind and world_size == 1:
             return torch.device(kind)
@@ -78,7 +78,7 @@ def _pick_device(requested: str | None, local_rank: int, world_size: int, local_
         return torch.device("cuda", local_rank)
     if kind in ("cpu", "mps"):
         return torch.device(kind)
-    raise UserError(f"unknown device {requested!r}: use cpu or cuda.")
+    raise UserError(f"device={requested!r}: unknown device; use cpu or cuda.")
 
 
 def init(device: str | None = None) -> Runtime:

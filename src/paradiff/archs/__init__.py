@@ -47,7 +47,7 @@ def _read_config(arch: str, subfolder: str | None, filename: str = "config.json"
     path = Path(root) / (subfolder or "") / filename
     if Path(root).exists():
         if not path.is_file():
-            raise UserError(f"--arch {arch}: {path} is missing; it is not a diffusers model folder with a {subfolder}.")
+            raise UserError(f"arch={arch!r}: {path} is missing; it is not a diffusers model folder with a {subfolder}.")
         return json.loads(path.read_text())
     from huggingface_hub import hf_hub_download
 
@@ -58,7 +58,7 @@ def _read_config(arch: str, subfolder: str | None, filename: str = "config.json"
         local = hf_hub_download(root, filename, subfolder=subfolder, local_files_only=not hub_reachable())
     except Exception as err:  # noqa: BLE001
         raise UserError(
-            f"--arch {arch}: not a shipped architecture ({known}), not a local folder, and its config is neither "
+            f"arch={arch!r}: not a shipped architecture ({known}), not a local folder, and its config is neither "
             f"cached nor reachable on the hub ({type(err).__name__})."
         ) from None
     return json.loads(Path(local).read_text())
@@ -173,11 +173,11 @@ def build_pipeline(arch: str, *, dtype: Any = None, device: Any = "cpu", seed: i
 
     root = Path(resolve(arch))
     if not root.exists():
-        raise UserError(f"--arch {arch}: whole random pipelines are built only from shipped or local folders.")
+        raise UserError(f"arch={arch!r}: whole random pipelines are built only from shipped or local folders.")
     index = model_index(arch)
     pipe_cls = getattr(diffusers, index.get("_class_name", ""), None)
     if pipe_cls is None:
-        raise UserError(f"--arch {arch}: unknown pipeline class {index.get('_class_name')!r}.")
+        raise UserError(f"arch={arch!r}: unknown pipeline class {index.get('_class_name')!r}.")
     components: dict[str, Any] = {}
     for offset, (name, entry) in enumerate(sorted(index.items())):
         if name.startswith("_") or not isinstance(entry, list) or len(entry) != 2:

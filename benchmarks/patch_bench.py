@@ -77,7 +77,18 @@ def build_unet(args, device, dtype):
 
 
 def make_inputs(unet, args, device, dtype, batch=2):
-    """Call kwargs for a CFG step (batch 2): latent, timestep, text states and SDXL's added conditioning."""
+    """Call kwargs for a CFG step (batch 2): latent, text states and SDXL's added conditioning (the model facts of
+    `paradiff.plans.common`; the copy below serves trees from before it, which core_regression.py measures)."""
+    try:
+        from paradiff.plans.common import example_inputs
+    except ImportError:
+        return _legacy_inputs(unet, args, device, dtype, batch)
+    kwargs = example_inputs(unet, batch, args.size // 8, args.size // 8, device=device, dtype=dtype)
+    kwargs.pop("timestep")  # the loop passes its own
+    return kwargs
+
+
+def _legacy_inputs(unet, args, device, dtype, batch):
     cfg = unet.config
     g = torch.Generator("cpu").manual_seed(0)
     latent = args.size // 8

@@ -184,3 +184,37 @@ def test_every_method_takes_the_same_compile_and_cuda_graph_arguments():
         assert "compile=" in repr(method) and "cuda_graph=" in repr(method)
         with pytest.raises(UserError):
             cls(compile="inductor")
+
+
+def test_a_model_changed_after_parallelize_is_refused_before_it_computes():
+    """A hooked module replaced (a LoRA layer, a conv swapped) or projections fused after parallelize: one sentence
+    at the next generation, not a silently wrong image."""
+    import torch.distributed as dist
+
+    from paradiff import PatchParallel
+    from paradiff.errors import UserError
+    from paradiff.parallel import parallelize_module
+    from support.models import tiny_unet, unet_inputs
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        unet, kwargs = tiny_unet("sd"), unet_inputs("sd")
+        target = parallelize_module(unet, PatchParallel(warmup_steps=9), groups={"patch": dist.group.WORLD})
+        with torch.no_grad():
+            unet(**kwargs)
+            conv = unet.down_blocks[0].resnets[0].conv1
+            unet.down_blocks[0].resnets[0].conv1 = torch.nn.Conv2d(conv.in_channels, conv.out_channels, 3, padding=1)
+            target.start()
+            with pytest.raises(UserError, match="changed after parallelize"):
+                unet(**kwargs)
+            unet.down_blocks[0].resnets[0].conv1 = conv
+            target.start()
+            unet(**kwargs)  # put back: runs again
+            unet.fuse_qkv_projections()
+            target.start()
+            with pytest.raises(UserError, match="fused"):
+                unet(**kwargs)
+        target.remove()
+        assert not hasattr(unet, "_paradiff")
+    finally:
+        dist.destroy_process_group()

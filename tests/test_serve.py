@@ -254,7 +254,7 @@ def _loop_on_two_ranks():
 
 @pytest.mark.slow
 def test_every_rank_runs_the_same_requests_and_an_inconsistent_failure_stops_all():
-    from distributed import run_ranks
+    from support.distributed import run_ranks
 
     (calls0, error0, outcomes, phase0), (calls1, error1, _, phase1) = run_ranks(_loop_on_two_ranks, 2, timeout=120)
     assert calls0 == calls1 == ["a", "b", "fails everywhere", "c", "fails on rank 1"]
@@ -284,7 +284,7 @@ def _rank1_stops_responding():
 
 @pytest.mark.slow
 def test_an_idle_rank_that_stops_responding_is_found_within_the_timeout():
-    from distributed import run_ranks
+    from support.distributed import run_ranks
 
     seconds, error, phase = run_ranks(_rank1_stops_responding, 2, env={"PARADIFF_TIMEOUT": "3"}, timeout=120)[0]
     assert "a rank died or stopped responding" in error and "Timed out" in error
@@ -372,7 +372,7 @@ def patch_server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference():
-    from distributed import run_ranks
+    from support.distributed import run_ranks
 
     return run_ranks(_generate_reference, 2, SPECS, timeout=300)[0]
 

@@ -10,6 +10,7 @@ import copy
 import pytest
 import torch
 
+from paradiff.bench import cpu_peak_bytes
 from support.distributed import run_ranks
 from support.models import tiny_vae
 
@@ -18,27 +19,6 @@ TOL = 1e-4
 
 def _latent(batch: int, rows: int, cols: int, seed: int = 1) -> torch.Tensor:
     return torch.randn(batch, 4, rows, cols, generator=torch.Generator().manual_seed(seed))
-
-
-def peak_bytes(fn) -> int:
-    """Peak bytes of the tensors `fn` allocates and holds at once (CPU): every allocation and free the profiler
-    records (inside ops too), summed in time order."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        event = stack.pop()
-        if event.tag == _EventType.Allocation:
-            events.append((event.start_time_ns, event.extra_fields.alloc_size))  # negative: a free
-        stack.extend(event.children)
-    live = peak = 0
-    for _, size in sorted(events):
-        live += size
-        peak = max(peak, live)
-    return peak
 
 
 # --- single process: the layer hooks against torch, the refusals ------------------------------------------------
@@ -154,6 +134,11 @@ def _decode_exact(rows: int, cols: int, memory_rows: int, memory_cols: int):
         vae.disable_tiling()
         handle = paradiff.parallelize_vae(vae)
         out["diff"] = (vae.decode(z).sample - serial).abs().max().item()
+        thin = _latent(1, rt.world_size, cols, seed=2)  # one latent row per rank: thinner than a halo pair
+        handle.remove()
+        thin_serial = vae.decode(thin).sample
+        handle = paradiff.parallelize_vae(vae)
+        out["thin"] = (vae.decode(thin).sample - thin_serial).abs().max().item()
         vae.enable_slicing()  # one image at a time: the same call on every rank, still exact
         out["sliced"] = (vae.decode(z).sample - serial).abs().max().item()
         vae.disable_slicing()
@@ -167,9 +152,9 @@ def _decode_exact(rows: int, cols: int, memory_rows: int, memory_cols: int):
         handle.remove()
         out["removed"] = (vae.decode(z).sample - serial).abs().max().item()
         big = _latent(1, memory_rows, memory_cols)
-        out["serial_peak"] = peak_bytes(lambda: vae.decode(big))
+        out["serial_peak"] = cpu_peak_bytes(lambda: vae.decode(big))
         handle = paradiff.parallelize_vae(vae)
-        out["peak"] = peak_bytes(lambda: vae.decode(big))
+        out["peak"] = cpu_peak_bytes(lambda: vae.decode(big))
         handle.remove()
     return out
 
@@ -181,7 +166,7 @@ def test_parallelize_vae_equals_serial(world):
     memory = (32, 24)  # 128 x 96 px: large enough that the activations, not fixed costs, make the peak
     outs = run_ranks(_decode_exact, world, rows, cols, *memory)
     for out in outs:
-        assert out["diff"] < TOL and out["sliced"] < TOL and out["tiled"] < TOL, out
+        assert out["diff"] < TOL and out["thin"] < TOL and out["sliced"] < TOL and out["tiled"] < TOL, out
         assert out["removed"] == 0.0
         assert f"multiple of {world}" in out["bad_height"] and f"got {rows + 1} latent rows" in out["bad_height"]
     ratio = max(out["peak"] for out in outs) / outs[0]["serial_peak"]
@@ -239,3 +224,26 @@ def test_patch_parallel_vae_in_the_pipeline(cfg):
         assert out["bad"] is not None and "got 9 latent rows" in out["bad"], out["bad"]
         assert out["hooked_after_unparallelize"] == []
         assert out["late"] is not None and "PatchParallel(vae=True)" in out["late"]
+
+
+# --- the GPU benchmark's CPU smoke run ------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_vae_bench_tiny(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "benchmarks/vae_bench.py", "--tiny", "--sizes", "128", "--ranks", "2",
+                           "--repeat", "1", "--out", str(tmp_path)], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    result = json.loads((tmp_path / "vae-bench.json").read_text())
+    rows = {row["config"]: row for row in result["results"]}
+    assert set(rows) == {"serial 128px", "rank 0 of 2, 128px"}
+    assert rows["rank 0 of 2, 128px"]["activation_ratio"] < 0.6
+    assert "rank 0 of 2, 128px" in (tmp_path / "vae-bench.md").read_text()

@@ -80,9 +80,9 @@ def install(vae: Any, group: Any, register: Register) -> dict[str, int]:
     decoder = plan.check_vae(vae)
     registry = getattr(decoder, "_diffusers_hook", None)
     if registry is not None and registry.get_hook(main_rank.HOOK_NAME) is not None:
-        raise UserError(f"this VAE's decoder already runs on rank 0 only (paradiff.parallelize with main-rank stages "
-                        f"freed it on the other ranks); parallelize the pipeline with PatchParallel(vae=True) "
-                        f"instead, or call parallelize_vae before parallelize.")
+        raise UserError("this VAE's decoder already runs on rank 0 only (paradiff.parallelize with main-rank stages "
+                        "freed it on the other ranks); parallelize the pipeline with PatchParallel(vae=True) "
+                        "instead, or call parallelize_vae before parallelize.")
     exchange = SyncExchange(group)
     register(decoder, BandDecode(vae, exchange), "decoder")
     hooks = plan.apply(decoder, exchange, lambda module, hook, name: register(module, hook, f"decoder.{name}"))

@@ -6,12 +6,13 @@
 #
 # SECTION: patch1024 | patch2048 | async-sdxl | async-sd21 | smoke (tiny models, ~1 min: run it first)
 #          | emulate1024 | emulate2048 | profile1024 (one GPU: patch_bench --emulate-ranks 2, patch_profile.py)
+#          | vae-emulated (one GPU: vae_bench.py, SDXL VAE fp16 at 2048 and 4096 px, serial vs rank 0 of 2 and 4)
 # (The before/after check of the execution core on one GPU is benchmarks/core_regression.sh, not a section here.)
 # Logs and results go to $OUT (the device tool's output folder), or ./gpu-out when $OUT is unset; copy the
 # results into benchmarks/results/ afterwards. diffusers is not on the device image: carry the wheels made by
 # ../shared/tools/device-wheels.sh in .whl/ (this script installs them into .site/).
 set -euo pipefail
-section=${1:?usage: gpu_session.sh patch1024|patch2048|async-sdxl|async-sd21|smoke|emulate1024|emulate2048|profile1024}
+section=${1:?usage: gpu_session.sh patch1024|patch2048|async-sdxl|async-sd21|smoke|emulate1024|emulate2048|profile1024|vae-emulated}
 out=${OUT:-gpu-out}
 mkdir -p "$out"
 if [ -d .whl ] && ! python3 -c "import diffusers" 2>/dev/null; then
@@ -45,6 +46,9 @@ case $section in
       --configs baseline,patch --out "$out/patch-sdxl2048-emulated2" ;;
   profile1024)  # one GPU: kernel time by kind, whole UNet vs one rank's rows vs the hooked step (~6 min)
     run patch-profile-sdxl1024 python3 benchmarks/patch_profile.py --out "$out/patch-profile-sdxl1024" ;;
+  vae-emulated)  # one GPU: per-rank peak memory and time of the patch-parallel VAE decode (estimated 2-4 min)
+    run vae-sdxl-emulated python3 benchmarks/vae_bench.py --sizes 2048,4096 --ranks 2,4 \
+      --out "$out/vae-sdxl-emulated" ;;
   patch2048)
     run patch-sdxl2048 torchrun --nproc-per-node 2 benchmarks/patch_bench.py --size 2048 --steps 30 \
       --configs baseline,patch --out "$out/patch-sdxl2048-h200x2" ;;

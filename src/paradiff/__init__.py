@@ -17,6 +17,7 @@ _EXPORTS = {
     "unparallelize": "paradiff.parallel",
     "ParallelMethod": "paradiff.parallel",
     "PatchParallel": "paradiff.methods.patch",
+    "parallelize_vae": "paradiff.methods.vae",
     "CFGParallel": "paradiff.methods.cfg",
     "AsyncDenoise": "paradiff.methods.asyncdenoise",
     "StreamPipeline": "paradiff.stream",

@@ -89,6 +89,28 @@ def _peak_mb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
 
+def cpu_peak_bytes(fn: Callable[[], Any]) -> int:
+    """Peak bytes of the CPU tensors `fn` allocates and holds at once: every allocation and free torch.profiler
+    records (inside ops too: workspaces, temporaries), summed in time order. A rough figure: the CPU's conv
+    algorithms and their workspaces are not a GPU's."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+            events.append((event.start_time_ns, event.extra_fields.alloc_size))  # negative: a free
+        stack.extend(event.children)
+    live = peak = 0
+    for _, size in sorted(events):
+        live += size
+        peak = max(peak, live)
+    return peak
+
+
 def _row(what: str, variant: str, times: list[float], device: torch.device, **extra) -> Row:
     return Row(what, variant, statistics.median(times), min(times), max(times), len(times), _peak_mb(device), extra)
 

@@ -7,7 +7,9 @@ them):
   (SDXL: 0.8 B parameters, SD3's T5: 4.7 B, per GPU) and take the broadcast. An error on rank 0 is raised on every
   rank instead of leaving the others waiting;
 - VAE decoder: only rank 0 decodes; the others free the decoder and get zeros of the decoded shape (blank images).
-  The VAE encoder (img2img) stays on every rank: the initial latents are computed locally.
+  The VAE encoder (img2img) stays on every rank: the initial latents are computed locally. A decoder that a
+  method already split over its ranks (`PatchParallel(vae=True)`, `paradiff.parallelize_vae`) is left to it: every
+  one of those ranks keeps its decoder weights.
 Every rank must make the same calls (as every parallel method requires anyway).
 `parallelize(..., main_rank_stages=False)` keeps every stage on every rank.
 """
@@ -22,6 +24,7 @@ from diffusers.hooks import ModelHook
 from paradiff.comm import broadcast_tree
 from paradiff.execution.weights import free_weights
 from paradiff.plans.common import vae_scale_factor
+from paradiff.plans.vae import HOOK_NAME as VAE_HOOK_NAME
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 HOOK_NAME = "paradiff.main_rank"
@@ -65,6 +68,11 @@ class PassThrough(ModelHook):
         return x
 
 
+class MainDecoder(ModelHook):
+    """On rank 0's VAE decoder: runs it unchanged; marks it as the one decoder of the group (so that splitting it
+    afterwards is refused on every rank alike, not only on the ranks whose decoder was freed)."""
+
+
 def install(pipe: Any, target: Any) -> None:
     """Put the text encoders and the VAE decoder of `pipe` on the main rank (hooks registered through `target`)."""
     for name in TEXT_ENCODERS:
@@ -75,7 +83,13 @@ def install(pipe: Any, target: Any) -> None:
             target.register(encoder, SharedOutput(target.is_main, target.device, name), HOOK_NAME)
     vae = getattr(pipe, "vae", None)
     decoder = getattr(vae, "decoder", None)
-    if target.is_main or not isinstance(decoder, torch.nn.Module):
+    if not isinstance(decoder, torch.nn.Module):
+        return
+    registry = getattr(decoder, "_diffusers_hook", None)
+    if registry is not None and registry.get_hook(VAE_HOOK_NAME) is not None:
+        return  # split over its ranks by a method: every one of them decodes its band
+    if target.is_main:
+        target.register(decoder, MainDecoder(), HOOK_NAME)
         return
     channels = getattr(vae.config, "out_channels", 3)
     free_weights(decoder, "pipe.vae.decoder", REMEDY)

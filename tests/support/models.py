@@ -11,6 +11,7 @@ rank, a torchrun worker, the test process):
     tiny_stream_pipeline(...)       the stream tests' pipeline: `paradiff.stream.tiny.tiny_pipeline`, which stays in
                                     the package because `paradiff stream --tiny` uses it
     tiny_taesd(seed)                AutoencoderTiny of TAESD's layout
+    tiny_vae(seed, ...)             AutoencoderKL with the mid-block attention (3 blocks: 4x up-sampling)
 """
 
 from __future__ import annotations
@@ -144,3 +145,16 @@ def tiny_taesd(seed: int = 0):
     torch.manual_seed(seed)
     return AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
                            num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1))
+
+
+def tiny_vae(seed: int = 0, *, block_out_channels=(16, 32, 32), latent_channels: int = 4):
+    """A tiny random AutoencoderKL of SD's layout (decoder: mid block with self-attention, nearest x2 upsamplers,
+    norm_num_groups 8), in eval mode; 2 ** (len(block_out_channels) - 1) pixels per latent row."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    blocks = len(block_out_channels)
+    return AutoencoderKL(block_out_channels=tuple(block_out_channels), in_channels=3, out_channels=3,
+                         latent_channels=latent_channels, layers_per_block=1, norm_num_groups=8,
+                         down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
+                         sample_size=32).eval()

@@ -129,3 +129,21 @@ class StaleExchange:
             for (slot, shape), part in zip(entries, parts):
                 slot.recv.copy_(part.reshape(self.world * shape[0], *shape[1:]))
         self._sent.clear()
+
+
+class SyncExchange(StaleExchange):
+    """An exchange that is always synchronous and keeps nothing between calls: for a pass that runs once (the
+    patch-parallel VAE decode), where a stale phase never comes and the slots' buffers would only hold memory."""
+
+    def __init__(self, group: Any):
+        super().__init__(group, overlap=False)
+
+    @property
+    def ready(self) -> bool:
+        return True
+
+    def exchange(self, slot: Slot, payload: torch.Tensor, sync: bool | None = None) -> torch.Tensor:
+        return collectives.all_gather(payload, 0, self.group)
+
+    def finish(self) -> None:
+        """Nothing is ever left in flight."""

@@ -55,13 +55,16 @@ class PatchParallel(ParallelMethod):
         still overlapping the step; 0: one collective per layer).
     compile_warmup: compile the synchronous warm-up steps too (a second compiled graph: twice the compile time,
         for a few milliseconds on each of the first `warmup_steps` steps). Off by default.
+    vae: decode over the patch ranks too, in bands of rows (exact; `paradiff.methods.vae`): each patch rank keeps
+        its VAE decoder and holds about 1/N of its activations, instead of rank 0 decoding alone. The latent height
+        must then be a multiple of N (it already is: patch parallelism needs N x 8 latent rows).
     """
 
     mesh_dim = "patch"
 
     def __init__(self, warmup_steps: int = 4, gn_mode: str = "auto", mode: str = "displaced",
                  compile: bool | dict = False, cuda_graph: bool | None = None, graph_warmup: int = 1,
-                 compile_warmup: bool = False, bucket_mb: float = 16.0):
+                 compile_warmup: bool = False, bucket_mb: float = 16.0, vae: bool = False):
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise UserError(f"warmup_steps must be a whole number >= 0, got {warmup_steps!r}.")
         if gn_mode not in GN_MODES:
@@ -74,6 +77,9 @@ class PatchParallel(ParallelMethod):
         self.execution = Execution(compile, cuda_graph, graph_warmup)
         self.compile_warmup = bool(compile_warmup)
         self.bucket_mb = bucket_mb
+        if not isinstance(vae, bool):
+            raise UserError(f"vae must be True or False, got {vae!r}.")
+        self.vae = vae
         self.hook: PatchHook | None = None
 
     def apply(self, target: Parallelized) -> None:
@@ -86,6 +92,15 @@ class PatchParallel(ParallelMethod):
         self.execution.graphs_on(target.device)  # cuda_graph=True without a GPU: say so now
         self.hook = PatchHook(unet, target, target.group(self), self)
         target.register(unet, self.hook, HOOK_NAME)
+        if self.vae:
+            from paradiff.methods import vae as vae_method
+
+            pipe_vae = getattr(target.host, "vae", None)
+            if pipe_vae is None:
+                raise UserError("PatchParallel(vae=True) splits a pipeline's VAE decode, and this model has no "
+                                "pipeline VAE (parallelize_module, apply_to_unet): use paradiff.parallelize_vae(vae).")
+            vae_method.install(pipe_vae, target.group(self),
+                               lambda module, hook, name: target.register(module, hook, vae_method.HOOK_NAME))
 
     def check(self, target: Parallelized) -> None:
         if self.mode != "displaced":
@@ -105,7 +120,7 @@ class PatchParallel(ParallelMethod):
         return (f"PatchParallel(warmup_steps={self.warmup_steps}, gn_mode={self.gn_mode!r}, mode={self.mode!r}, "
                 f"compile={self.execution.compile!r}, compile_warmup={self.compile_warmup}, "
                 f"cuda_graph={self.execution.cuda_graph}, graph_warmup={self.execution.graph_warmup}, "
-                f"bucket_mb={self.bucket_mb})")
+                f"bucket_mb={self.bucket_mb}, vae={self.vae})")
 
 
 def apply_to_unet(unet: torch.nn.Module, group: Any, config: PatchParallel) -> "PatchHook":

@@ -6,6 +6,10 @@ while each rank holds only its rows of every activation.
   image's token set (the other ranks' tokens), so local queries attend to every token.
 - `PatchGroupNorm`: GroupNorm statistics over the whole image, from per-rank (mean, mean of squares).
 
+`SyncHaloConv2d` and `SyncGroupNorm` are their memory-lean forms for a pass that is synchronous and runs once (the
+patch-parallel VAE decode, `paradiff.plans.vae`), where activations, not time, are what the split saves: no padded
+copy of a conv's input, no float32 copy of a GroupNorm's input.
+
 Each hook asks the `StaleExchange` for the other ranks' data: this step's (sync phase, exact) or the previous step's
 (stale phase; this step's are sent in the background for the next step). The model code is not touched: the hooks
 are diffusers `ModelHook`s on the stock modules.
@@ -103,3 +107,67 @@ class PatchGroupNorm(_Exchanging):
         if module.affine:
             y = y * module.weight.view(1, -1, *([1] * (x.dim() - 2))) + module.bias.view(1, -1, *([1] * (x.dim() - 2)))
         return y
+
+
+class SyncHaloConv2d(HaloConv2d):
+    """`HaloConv2d` without the padded copy of its input (synchronous exchange only): the conv runs on this rank's
+    rows with zero padding, then its first and last `padding` output rows are computed again from the neighbours'
+    halo rows (each from 3p input rows). Same result, one activation less at the peak."""
+
+    def new_forward(self, module: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        p = module.padding[0]
+        ex = self.exchange
+        if x.shape[2] < 2 * p:  # a band thinner than its halos: the plain form
+            return super().new_forward(module, x)
+        payload = torch.cat([x[:, :, :p], x[:, :, -p:]], dim=2)
+        halos = ex.exchange(self.slot, payload).unflatten(0, (ex.world, x.shape[0]))
+
+        def conv(rows: torch.Tensor, padding: tuple) -> torch.Tensor:
+            return F.conv2d(rows, module.weight, module.bias, module.stride, padding, module.dilation, module.groups)
+
+        y = conv(x, module.padding)  # right except the p rows at each band edge, which saw zeros
+        if ex.rank > 0:
+            y[:, :, :p] = conv(torch.cat([halos[ex.rank - 1, :, :, p:], x[:, :, :2 * p]], dim=2), (0, module.padding[1]))
+        if ex.rank < ex.world - 1:
+            y[:, :, -p:] = conv(torch.cat([x[:, :, -2 * p:], halos[ex.rank + 1, :, :, :p]], dim=2),
+                                (0, module.padding[1]))
+        return y
+
+
+class SyncGroupNorm(PatchGroupNorm):
+    """Exact GroupNorm over the whole image (synchronous), without the float32 copy of its input.
+
+    Each rank sends its per-group (mean, variance) (computed in float32, a slice of groups at a time for half
+    inputs); they combine exactly (equal bands: mean of means, mean of variances + variance of means), and the
+    normalisation and affine are one fused `x * scale + shift` per channel written straight into the output.
+    """
+
+    CHUNKS = 8  # half-precision inputs are upcast this many group slices at a time
+
+    def __init__(self, exchange: StaleExchange):
+        super().__init__(exchange, "sync")
+
+    def new_forward(self, module: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+        ex = self.exchange
+        batch, channels, groups = x.shape[0], x.shape[1], module.num_groups
+        xg = x.reshape(batch, groups, -1)
+        if xg.dtype in (torch.float32, torch.float64):
+            var, mean = torch.var_mean(xg, dim=-1, correction=0)
+        else:
+            parts = [torch.var_mean(part.float(), dim=-1, correction=0)
+                     for part in xg.split(max(1, -(-groups // self.CHUNKS)), dim=1)]
+            var, mean = torch.cat([v for v, _ in parts], 1), torch.cat([m for _, m in parts], 1)
+        gathered = ex.exchange(self.slot, torch.stack([mean, var])).unflatten(0, (ex.world, 2))  # [N, 2, B, G]
+        means, variances = gathered.unbind(1)
+        mean = means.mean(0)
+        var = variances.mean(0) + (means - mean).square().mean(0)
+        scale = torch.rsqrt(var + module.eps).repeat_interleave(channels // groups, dim=1)  # [B, C]
+        shift = -mean.repeat_interleave(channels // groups, dim=1) * scale
+        if module.affine:
+            scale = scale * module.weight
+            shift = shift * module.weight + module.bias
+        view = (batch, channels) + (1,) * (x.dim() - 2)
+        shift, scale = shift.view(view), scale.view(view)
+        if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):  # autograd: no out=
+            return torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype))
+        return torch.addcmul(shift, x, scale, out=torch.empty_like(x))  # float32 math, one rounding to x's dtype

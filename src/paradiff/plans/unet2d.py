@@ -90,5 +90,6 @@ def apply(unet: torch.nn.Module, exchange: StaleExchange, gn_mode: str, register
     for name, module in unet.named_modules():
         rule = next((rule for rule in plan if rule.matches(module)), None)
         if rule is not None:
-            hooks[rule.kind].append(rule.install(name, module, exchange, gn_mode, register))
+            installed = rule.install(name, module, exchange, gn_mode, register)  # a refusal raises here
+            hooks[rule.kind].append(installed)
     return hooks

@@ -1,0 +1,186 @@
+"""The seeds' model families beyond text-to-image: SD 1.5 and SDXL inpainting (9-channel UNets) and the SD x4
+upscaler (7-channel UNet, the noise level as `class_labels`, a low-res scheduler, v-prediction), under
+PatchParallel, CFGParallel and AsyncDenoise on 2 gloo ranks, exact modes against serial; their real configs on the
+meta device."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from support.distributed import run_ranks
+
+STEPS = 3
+PROMPT = "a red circle on the left"
+ATOL = 1e-4  # of the output's scale (its std, at least 1), as in test_conformance
+FAMILIES = ("sd-inpaint", "sdxl-inpaint", "upscaler")
+METHODS = ("patch", "cfg", "async")
+
+
+def _build(family: str):
+    from support import models
+
+    build = {"sd-inpaint": models.tiny_sd_inpaint_pipeline, "sdxl-inpaint": models.tiny_sdxl_inpaint_pipeline,
+             "upscaler": models.tiny_upscale_pipeline}[family]
+    pipe = build()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _inputs(family: str) -> dict:
+    """The family's image inputs: a 32x32 image and a square mask (inpainting), a 32x32 low-res image (upscaler:
+    32 latent rows, 128x128 output)."""
+    rng = np.random.default_rng(0)
+    image = rng.random((1, 32, 32, 3)).astype(np.float32)
+    if family == "upscaler":
+        return {"image": image, "noise_level": 40}
+    mask = np.zeros((1, 32, 32, 1), np.float32)
+    mask[:, 8:24, 4:20] = 1.0
+    return {"image": image, "mask_image": mask, "height": 32, "width": 32}
+
+
+def _call(pipe, family: str, output_type: str = "latent", **kwargs):
+    images = pipe(PROMPT, num_inference_steps=STEPS, generator=torch.Generator("cpu").manual_seed(0),
+                  output_type=output_type, **_inputs(family), **kwargs).images
+    return images.detach().float().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+
+
+def _method(name: str, exact: bool = True):
+    import paradiff
+
+    warmup = STEPS if exact else 1
+    return {"patch": lambda: paradiff.PatchParallel(warmup_steps=warmup), "cfg": paradiff.CFGParallel,
+            "async": lambda: paradiff.AsyncDenoise(warmup_steps=warmup)}[name]()
+
+
+def _play(cases: list) -> dict:
+    """On every rank: for each (family, method, exact), the serial and the parallel result (latents; and the
+    decoded image for the exact modes, which only rank 0 decodes)."""
+    import paradiff
+
+    out = {}
+    for family, method, exact in cases:
+        serial = _call(_build(family), family)
+        pipe = paradiff.parallelize(_build(family), _method(method, exact))
+        pipe.set_progress_bar_config(disable=True)
+        seen = []
+        if family == "upscaler":  # the noise level as it reaches the class embedding on this rank
+            pipe.unet.class_embedding.register_forward_pre_hook(lambda m, a: seen.append(a[0].tolist()))
+        result = {"latent": _call(pipe, family), "serial": serial, "labels": seen}
+        if exact:
+            result["np"] = _call(pipe, family, "np")
+            result["np_serial"] = _call(_build(family), family, "np")
+        out[(family, method, exact)] = result
+    return out
+
+
+def _cfg_class_labels() -> dict:
+    """CFGParallel on a bare upscaler UNet whose two batch rows have different noise levels: each rank's half gets
+    its own row's label (a wrong split would give rank 1 the uncond row's label, or both)."""
+    from paradiff import runtime
+    from paradiff.methods.cfg import apply_to_module
+    from support.models import tiny_unet, unet_inputs
+
+    unet = tiny_unet("upscaler")
+    kwargs = unet_inputs("upscaler")
+    kwargs["class_labels"] = torch.tensor([20, 300])
+    with torch.no_grad():
+        serial = unet(**kwargs).sample
+        same = unet(**{**kwargs, "class_labels": torch.tensor([300, 300])}).sample
+    group = runtime.mesh({"cfg": 2}).get_group("cfg")
+    apply_to_module(unet, group)
+    seen = []
+    unet.class_embedding.register_forward_pre_hook(lambda m, a: seen.append(a[0].tolist()))
+    with torch.no_grad():
+        parallel = unet(**kwargs).sample
+    return {"diff": float((parallel - serial).abs().max()), "seen": seen,
+            "labels_matter": float((serial[0] - same[0]).abs().max())}
+
+
+def _diff(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float("inf") if a.shape != b.shape else float(np.abs(a - b).max())
+
+
+def _tolerance(want) -> float:
+    return ATOL * max(1.0, float(np.asarray(want, np.float64).std()))
+
+
+EXACT_CASES = [(family, method, True) for family in FAMILIES for method in METHODS]
+STALE_CASES = [(family, method, False) for family in FAMILIES for method in ("patch", "async")]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_families_under_every_method_two_ranks():
+    """Exact modes equal serial on rank 0 (latents within 1e-4 of their scale; decoded images too, and blank on
+    rank 1, which does not decode); the stale modes (warm-up 1) run and differ from serial; the upscaler's noise
+    level reaches the class embedding with the batch split by CFG (one label per rank) and whole otherwise."""
+    ranks = run_ranks(_play, 2, EXACT_CASES + STALE_CASES, timeout=360)
+    bad = []
+    for case in EXACT_CASES:
+        family, method, _ = case
+        main, other = ranks[0][case], ranks[1][case]
+        for key, want in (("latent", main["serial"]), ("np", main["np_serial"])):
+            diff = _diff(main[key], want)
+            if not diff <= _tolerance(want):
+                bad.append(f"{family}/{method} {key}: max |parallel - serial| = {diff:.3g}")
+        if _diff(other["latent"], main["serial"]) > _tolerance(main["serial"]):
+            bad.append(f"{family}/{method}: rank 1's latents differ from serial")
+        if family == "upscaler":
+            per_call = 1 if method == "cfg" else 2  # CFG: this rank's half of [uncond, cond]
+            for rank in ranks:
+                if any(labels != [40] * per_call for labels in rank[case]["labels"][:STEPS]):
+                    bad.append(f"upscaler/{method}: class labels seen {rank[case]['labels'][:STEPS]}")
+    for case in STALE_CASES:
+        family, method, _ = case
+        result = ranks[0][case]
+        diff = _diff(result["latent"], result["serial"])
+        if not (np.isfinite(result["latent"]).all() and diff > _tolerance(result["serial"])):
+            bad.append(f"{family}/{method} stale: max diff {diff:.3g} (should differ from serial, finitely)")
+    assert not bad, "; ".join(bad)
+    for case in EXACT_CASES:  # rank 1 does not decode: blank images
+        assert float(np.abs(ranks[1][case]["np"] - 0.5).max()) == 0.0, case
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_cfg_splits_the_noise_level_with_the_batch():
+    for rank, out in enumerate(run_ranks(_cfg_class_labels, 2)):
+        assert out["labels_matter"] > 1e-3, out  # the label changes the output, so the check can see a wrong split
+        assert out["diff"] < 1e-5, out
+        assert out["seen"] == [[[20], [300]][rank]], out
+
+
+def test_example_inputs_give_class_labels():
+    """UNets with a class embedding get `class_labels` in their example call (the async trace, bench, tests): the
+    x4 upscaler's noise level as integer labels; other class embedding kinds as their vectors or timesteps."""
+    from diffusers import UNet2DConditionModel
+
+    from paradiff.plans.common import example_inputs
+    from support.models import tiny_unet
+
+    unet = tiny_unet("upscaler")
+    kwargs = example_inputs(unet, 2, 16, 16, device="cpu")
+    assert kwargs["sample"].shape == (2, 7, 16, 16) and kwargs["class_labels"].dtype == torch.long
+    assert torch.isfinite(unet(**kwargs).sample).all()
+    assert "class_labels" not in example_inputs(tiny_unet("sd-inpaint"), 2)
+    assert example_inputs(tiny_unet("sd-inpaint"), 2)["sample"].shape[1] == 9
+    base = dict(block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8, layers_per_block=1,
+                cross_attention_dim=8, sample_size=8)
+    for extra in ({"class_embed_type": "timestep"}, {"class_embed_type": "identity"},
+                  {"class_embed_type": "projection", "projection_class_embeddings_input_dim": 5},
+                  {"class_embed_type": "simple_projection", "projection_class_embeddings_input_dim": 5}):
+        model = UNet2DConditionModel(**base, **extra).eval()
+        with torch.no_grad():
+            assert model(**example_inputs(model, 2, device="cpu")).sample.shape == (2, 4, 8, 8), extra
+
+
+def test_async_split_of_the_tiny_upscaler_is_automatic():
+    from paradiff.methods.split import split
+    from support.models import tiny_unet
+
+    plan = split(tiny_unet("upscaler"), 2)
+    assert plan.n == 2 and plan.balance < 1.5 and plan.graph.example.endswith("(7, 16, 16)")

@@ -42,7 +42,7 @@ def _inputs(family: str) -> dict:
 
 def _call(pipe, family: str, output_type: str = "latent", **kwargs):
     images = pipe(PROMPT, num_inference_steps=STEPS, generator=torch.Generator("cpu").manual_seed(0),
-                  output_type=output_type, **_inputs(family), **kwargs).images
+                  output_type=output_type, **{**_inputs(family), **kwargs}).images
     return images.detach().float().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
 
 
@@ -71,6 +71,12 @@ def _play(cases: list) -> dict:
         if exact:
             result["np"] = _call(pipe, family, "np")
             result["np_serial"] = _call(_build(family), family, "np")
+        if (family, method, exact) == ("upscaler", "patch", True):  # 20 rows: 2 patches of a 4x-downsampling UNet
+            try:
+                _call(pipe, family, image=np.zeros((1, 20, 20, 3), np.float32))
+                result["bad_size"] = "no error"
+            except Exception as err:  # noqa: BLE001
+                result["bad_size"] = f"{type(err).__name__}: {err}"
         out[(family, method, exact)] = result
     return out
 
@@ -116,7 +122,8 @@ STALE_CASES = [(family, method, False) for family in FAMILIES for method in ("pa
 def test_families_under_every_method_two_ranks():
     """Exact modes equal serial on rank 0 (latents within 1e-4 of their scale; decoded images too, and blank on
     rank 1, which does not decode); the stale modes (warm-up 1) run and differ from serial; the upscaler's noise
-    level reaches the class embedding with the batch split by CFG (one label per rank) and whole otherwise."""
+    level reaches the class embedding with the batch split by CFG (one label per rank) and whole otherwise; an
+    upscaler input that patches cannot split is one UserError about the input image."""
     ranks = run_ranks(_play, 2, EXACT_CASES + STALE_CASES, timeout=360)
     bad = []
     for case in EXACT_CASES:
@@ -142,6 +149,9 @@ def test_families_under_every_method_two_ranks():
     assert not bad, "; ".join(bad)
     for case in EXACT_CASES:  # rank 1 does not decode: blank images
         assert float(np.abs(ranks[1][case]["np"] - 0.5).max()) == 0.0, case
+    for rank in ranks:  # the upscaler's rows are its input image's: the error speaks of that image
+        message = rank[("upscaler", "patch", True)]["bad_size"]
+        assert message.startswith("UserError") and "input image height a multiple of 8 px" in message, message
 
 
 @pytest.mark.slow

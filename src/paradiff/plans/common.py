@@ -37,6 +37,25 @@ def vae_scale_factor(pipe: Any) -> int:
     return 2 ** (len(channels) - 1) if channels else 8
 
 
+UPSCALE_PIPELINES = ("StableDiffusionUpscalePipeline",)
+"""Pipelines that denoise at their input image's size (one latent row per input pixel row; the output is
+`vae_scale_factor` times larger): the SD x4 upscaler."""
+INPAINT_PIPELINES = ("StableDiffusionInpaintPipeline", "StableDiffusionXLInpaintPipeline")
+
+
+def pixels_per_latent_row(pipeline_class: str, scale: int) -> tuple[int, str]:
+    """(pixels per latent row, of which image) for a pipeline class name and its VAE scale factor: the x4 upscaler
+    counts its input image (1 px per row), every other pipeline its output image (`scale` px per row)."""
+    return (1, "input image") if pipeline_class in UPSCALE_PIPELINES else (scale, "image")
+
+
+def row_pixels(pipe: Any) -> tuple[int, str]:
+    """`pixels_per_latent_row` of a pipeline object (what patch parallelism's size errors speak of)."""
+    names = [cls.__name__ for cls in type(pipe).__mro__]
+    name = next((n for n in names if n in UPSCALE_PIPELINES), type(pipe).__name__)
+    return pixels_per_latent_row(name, vae_scale_factor(pipe))
+
+
 @lru_cache(maxsize=None)
 def _parameter_names(cls: type) -> tuple[str, ...]:
     return tuple(list(inspect.signature(cls.forward).parameters)[1:])

@@ -194,3 +194,19 @@ def test_async_split_of_the_tiny_upscaler_is_automatic():
 
     plan = split(tiny_unet("upscaler"), 2)
     assert plan.n == 2 and plan.balance < 1.5 and plan.graph.example.endswith("(7, 16, 16)")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bench_pipeline_gives_the_image_inputs(family):
+    """`paradiff bench --what e2e` on an image-conditioned pipeline: an image (and a mask) of the asked output size;
+    the upscaler an input image 4x smaller (2 steps: SDXL inpainting's default strength 0.9999 leaves 0 of 1)."""
+    from paradiff import bench
+
+    pipe = _build(family)
+    seen = []
+    pipe.unet.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape)))
+    rows = bench.bench_pipeline(pipe, variant="eager", prompt="x", steps=2, height=32, width=64, guidance=None,
+                                device=torch.device("cpu"), runs=1, warmup=0)
+    assert [r.what for r in rows] == ["e2e", "step"]
+    # CFG batch 2; the latent rows: 32/2 x 64/2 (inpainting VAE x2), 32/4 x 64/4 (the upscaler's input image)
+    assert seen[0] == ((2, 7, 8, 16) if family == "upscaler" else (2, 9, 16, 32)), seen

@@ -56,6 +56,25 @@ def row_pixels(pipe: Any) -> tuple[int, str]:
     return pixels_per_latent_row(name, vae_scale_factor(pipe))
 
 
+def image_inputs(pipe: Any, height: int, width: int) -> dict:
+    """Call arguments an image-conditioned pipeline needs beside the prompt, for a `height` x `width` output
+    (benchmarks: the values do not matter for speed): inpainting a gray image and a centred square mask; the
+    x4 upscaler a gray input image `row_pixels` times smaller, in place of height/width (it has none). {} for
+    text-to-image pipelines."""
+    from PIL import Image
+
+    names = {cls.__name__ for cls in type(pipe).__mro__}
+    if names & set(UPSCALE_PIPELINES):
+        scale = vae_scale_factor(pipe)
+        return {"image": Image.new("RGB", (width // scale, height // scale), (128, 128, 128)),
+                "height": None, "width": None}
+    if names & set(INPAINT_PIPELINES):
+        mask = Image.new("L", (width, height), 0)
+        mask.paste(255, (width // 4, height // 4, 3 * width // 4, 3 * height // 4))
+        return {"image": Image.new("RGB", (width, height), (128, 128, 128)), "mask_image": mask}
+    return {}
+
+
 @lru_cache(maxsize=None)
 def _parameter_names(cls: type) -> tuple[str, ...]:
     return tuple(list(inspect.signature(cls.forward).parameters)[1:])

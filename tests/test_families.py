@@ -210,3 +210,93 @@ def test_bench_pipeline_gives_the_image_inputs(family):
     assert [r.what for r in rows] == ["e2e", "step"]
     # CFG batch 2; the latent rows: 32/2 x 64/2 (inpainting VAE x2), 32/4 x 64/4 (the upscaler's input image)
     assert seen[0] == ((2, 7, 8, 16) if family == "upscaler" else (2, 9, 16, 32)), seen
+
+
+# -- the CLI: `paradiff generate` on saved inpainting / upscaler folders -------------------------------------------
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """Tiny inpainting and upscaler pipelines written with save_pretrained, a 32x32 picture, a mask, a 20x20 one."""
+    from PIL import Image
+
+    from support.models import tiny_sd_inpaint_pipeline, tiny_upscale_pipeline
+
+    root = tmp_path_factory.mktemp("families")
+    tiny_sd_inpaint_pipeline().save_pretrained(root / "inpaint")
+    tiny_upscale_pipeline().save_pretrained(root / "upscaler")
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(root / "image.png")
+    Image.fromarray((rng.random((20, 20, 3)) * 255).astype(np.uint8)).save(root / "image20.png")
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 255
+    Image.fromarray(mask).save(root / "mask.png")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_generate_inpaints_and_upscales(folders):
+    """The pipeline class comes from model_index.json: the inpainting folder inpaints --image under --mask at the
+    image's size, the upscaler folder makes a 4x larger image."""
+    from PIL import Image
+
+    from cli_utils import run_cli
+
+    for model, extra, size in (("inpaint", ["--mask", str(folders / "mask.png")], (32, 32)),
+                               ("upscaler", [], (128, 128))):
+        out = folders / f"{model}.png"
+        proc, _ = run_cli("generate", "a red circle", "--model", str(folders / model), "--image",
+                          str(folders / "image.png"), *extra, "--steps", "2", "-o", str(out))
+        assert proc.returncode == 0, proc.stderr
+        assert Image.open(out).size == size and "wrote" in proc.stdout
+
+
+@pytest.mark.parametrize("model, args, message", [
+    ("inpaint", ["--mask", "mask.png"], "--mask needs --image"),
+    ("upscaler", ["--image", "image.png", "--mask", "mask.png"], "--mask is for inpainting models; "),
+    (None, ["--image", "image.png", "--mask", "mask.png"], "--mask is for inpainting models; the embedded model is "
+                                                           "a StableDiffusionPipeline."),
+    (None, ["--image", "image.png"], "--image needs an inpainting model"),
+    ("inpaint", ["--image", "image.png"], "is an inpainting model (StableDiffusionInpaintPipeline): give --image "
+                                          "and --mask."),
+    ("upscaler", [], "is an upscaler (StableDiffusionUpscalePipeline): give --image"),
+    ("upscaler", ["--image", "image.png", "--size", "64"], "--size does not apply to an upscaler: its output is 4x"),
+    ("inpaint", ["--image", "nope.png", "--mask", "mask.png"], "nope.png: no such file."),
+    ("inpaint", ["--image", "notes.txt", "--mask", "mask.png"], "notes.txt: not an image file"),
+    # sizes the patch split cannot take (tiny UNets: 2 patches need 8 latent rows (upscaler), 4 patches of the
+    # inpainting UNet 8 rows, 16 px)
+    ("upscaler", ["--image", "image20.png", "--method", "patch", "--nproc", "2"],
+     "multiple of 8 (input image height a multiple of 8 px), got 20 latent rows"),
+    ("inpaint", ["--image", "image.png", "--mask", "mask.png", "--size", "40x32", "--method", "patch", "--nproc", "4"],
+     "(image height a multiple of 16 px), got 20 latent rows (40 px)"),
+])
+def test_generate_image_mistakes_are_one_line_before_any_rank(folders, monkeypatch, capsys, model, args, message):
+    from paradiff import launch
+    from paradiff.cli import main
+
+    def no_launch(*_, **__):
+        raise AssertionError("ranks were started")
+
+    monkeypatch.setattr(launch, "launch", no_launch)
+    monkeypatch.chdir(folders)
+    argv = ["generate", "x", *(["--model", str(folders / model)] if model else []), *args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("paradiff: error: ") and message in err and "\n" not in err, err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_generate_inpaints_on_two_ranks_like_one(folders):
+    """`--method patch --nproc 2` with warm-up over every step writes the serial image (within 1 level of 255)."""
+    from PIL import Image
+
+    from cli_utils import run_cli
+
+    common = ["generate", "a red circle", "--model", str(folders / "inpaint"), "--image", str(folders / "image.png"),
+              "--mask", str(folders / "mask.png"), "--steps", "2"]
+    proc, _ = run_cli(*common, "-o", str(folders / "serial.png"))
+    assert proc.returncode == 0, proc.stderr
+    proc, _ = run_cli(*common, "--method", "patch", "--nproc", "2", "--warmup-steps", "2", "-o",
+                      str(folders / "patch.png"))
+    assert proc.returncode == 0, proc.stderr
+    serial, patch = (np.asarray(Image.open(folders / f"{n}.png"), np.int16) for n in ("serial", "patch"))
+    assert serial.shape == (32, 32, 3) and np.abs(serial - patch).max() <= 1

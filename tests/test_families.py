@@ -300,3 +300,13 @@ def test_generate_inpaints_on_two_ranks_like_one(folders):
     assert proc.returncode == 0, proc.stderr
     serial, patch = (np.asarray(Image.open(folders / f"{n}.png"), np.int16) for n in ("serial", "patch"))
     assert serial.shape == (32, 32, 3) and np.abs(serial - patch).max() <= 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_async_upscaler_unet_stale_steps_match_the_simulation():
+    """The upscaler UNet (class labels) under AsyncDenoise on 2 ranks, through test_async's references: exact with
+    warm-up over every step, and with warm-up 2 equal to the single-process simulation of the stale dataflow."""
+    from test_async import T, _async_vs_references, _check
+
+    _check(run_ranks(_async_vs_references, 2, "upscaler", [(T, False, 1, False), (2, False, 1, False)]))

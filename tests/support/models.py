@@ -154,8 +154,9 @@ def _tiny_vae(blocks: int = 2, sample_size: int = 32, **config):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(block_out_channels=(16, 32, 32)[:blocks], in_channels=3, out_channels=3, latent_channels=4,
-                         down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
-                         norm_num_groups=8, sample_size=sample_size, **config)
+                         down_block_types=("DownEncoderBlock2D",) * blocks,
+                         up_block_types=("UpDecoderBlock2D",) * blocks, norm_num_groups=8, sample_size=sample_size,
+                         **config)
 
 
 def _tiny_clip(hidden: int, tokenizer, **config):

@@ -16,6 +16,9 @@ from paradiff.errors import UserError
         ("stable-diffusion-2-1-base", 865_910_724),
         ("sd-turbo", 865_910_724),
         ("sdxl-turbo", 2_567_463_684),
+        ("x4-upscaler", 473_398_020),
+        ("sdxl-inpainting", 2_567_478_084),  # SDXL + 14,400 for the 5 extra input channels
+        ("sd15-inpainting", 859_535_364),  # SD 1.5 + 14,400
     ],
 )
 def test_unet_parameter_counts(arch, count):
@@ -26,6 +29,31 @@ def test_taesd_and_aliases():
     assert archs.parameter_count("taesd", "vae") == 2_445_063
     assert archs.resolve("sdxl") == archs.resolve("stable-diffusion-xl-base-1.0")
     assert archs.resolve("stabilityai/sd-turbo") == archs.resolve("sd-turbo")
+
+
+@pytest.mark.parametrize("alias, name, pipeline", [
+    ("sd15-inpainting", "stable-diffusion-inpainting", "StableDiffusionInpaintPipeline"),
+    ("sdxl-inpainting", "stable-diffusion-xl-1.0-inpainting-0.1", "StableDiffusionXLInpaintPipeline"),
+    ("x4-upscaler", "stable-diffusion-x4-upscaler", "StableDiffusionUpscalePipeline"),
+])
+def test_image_conditioned_pipelines_build_on_meta(alias, name, pipeline):
+    """The whole pipeline of each shipped inpainting/upscaler config, on the meta device (nothing allocated), with
+    its own settings (max_noise_level, low-res scheduler, v-prediction)."""
+    assert archs.resolve(alias) == archs.resolve(name) == archs.resolve(f"someone/{name}")
+    pipe = archs.build_pipeline(alias, device="meta")
+    assert type(pipe).__name__ == pipeline
+    assert pipe.unet.config.in_channels == (7 if "upscaler" in alias else 9)
+    if "upscaler" in alias:
+        assert pipe.config.max_noise_level == 350 and type(pipe.low_res_scheduler).__name__ == "DDPMScheduler"
+        assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.unet.config.num_class_embeds == 1000
+
+
+@pytest.mark.parametrize("arch", ["x4-upscaler", "sdxl-inpainting", "sd15-inpainting"])
+def test_async_splits_of_the_image_conditioned_unets_are_balanced(arch):
+    from paradiff.methods.split import split
+
+    plan = split(archs.build_model(arch, device="meta"), 2)
+    assert plan.balance <= 1.3, (arch, plan.balance)
 
 
 def test_vae_builds_on_meta():

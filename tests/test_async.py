@@ -23,6 +23,14 @@ def _case(kind: str):
         x0 = torch.randn(2, 4, 8, 8, generator=g)
         return model, FlowMatchEulerDiscreteScheduler(), (lambda x, t: dict(
             hidden_states=x, timestep=t.expand(2), encoder_hidden_states=ehs, pooled_projections=pooled)), x0
+    if kind == "upscaler":  # the latent + a fixed low-res image (7 channels), the noise level as class labels
+        model = tiny_unet(kind)
+        kwargs = unet_inputs(kind)
+        sample = kwargs.pop("sample")
+        kwargs.pop("timestep")
+        image = sample[:, 4:]
+        return model, DDIMScheduler(), (lambda x, t: dict(kwargs, sample=torch.cat([x, image], 1), timestep=t)), \
+            sample[:, :4].clone()
     if kind == "deep":  # a deep transformer stack, so the best cut falls inside it (as in SDXL)
         model = tiny_unet("deep", fill_zeros=False)
         kwargs = unet_inputs("sd")

@@ -174,14 +174,19 @@ class StepTimer:
 
 def bench_pipeline(pipe, *, variant: str, prompt: str, steps: int, height: int, width: int, guidance: float | None,
                    device, runs: int, warmup: int, skip_steps: int = 0) -> list[Row]:
-    """End-to-end latency of `pipe(prompt)` and the per-step latency of its denoiser calls inside the loop.
+    """End-to-end latency of `pipe(prompt)` and the per-step latency of its denoiser calls inside the loop
+    (`height` x `width`: the output; image-conditioned pipelines get a gray image, and a mask to inpaint).
 
     `skip_steps` leaves the first steps of each run out of the per-step figure (e.g. a method's synchronous
     warm-up), so the steady state is reported; the end-to-end figure always includes everything.
     """
+    from paradiff.plans.common import image_inputs
+
     denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer")
     timer = StepTimer(denoiser, device)
     kwargs: dict[str, Any] = {"num_inference_steps": steps, "height": height, "width": width, "output_type": "pil"}
+    kwargs.update(image_inputs(pipe, height, width))  # inpainting: image + mask; the upscaler: its input image
+    kwargs = {key: value for key, value in kwargs.items() if value is not None}
     if guidance is not None:
         kwargs["guidance_scale"] = guidance
 

@@ -23,7 +23,7 @@ from paradiff import main_rank, runtime
 from paradiff.comm import all_gather, guarded
 from paradiff.errors import UserError
 from paradiff.execution import Execution, StepClock, Tick
-from paradiff.plans.common import denoiser_of, timestep_of, vae_scale_factor
+from paradiff.plans.common import denoiser_of, row_pixels, timestep_of
 
 GENERATION_HOOK = "paradiff.generation"
 
@@ -65,8 +65,8 @@ class Parallelized:
     """
 
     def __init__(self, denoiser: torch.nn.Module, methods: tuple[ParallelMethod, ...], groups: dict[str, Any],
-                 device: torch.device, *, host: Any = None, is_main: bool = True, vae_scale_factor: int = 8,
-                 check_inputs: bool = True):
+                 device: torch.device, *, host: Any = None, is_main: bool = True,
+                 row_pixels: tuple[int, str] = (8, "image"), check_inputs: bool = True):
         self.denoiser = denoiser
         self.methods = methods
         self.groups = groups
@@ -74,7 +74,7 @@ class Parallelized:
         self.is_main = is_main
         self.host = host
         self.clock = StepClock(host, on_start=self._generation_starts)
-        self.vae_scale_factor = vae_scale_factor
+        self.row_pixels = row_pixels  # (pixels per latent row, of which image): for size errors
         self.check_inputs = check_inputs
         self._hooks: list[tuple[torch.nn.Module, str]] = []
         self._watched: list[tuple[str, torch.nn.Module]] = []
@@ -215,7 +215,7 @@ def parallelize(pipe: Any, *methods: ParallelMethod, device: str | None = None,
     mesh = runtime.mesh(dims)
     pipe.to(rt.device)
     target = Parallelized(denoiser_of(pipe), methods, {name: mesh.get_group(name) for name in dims}, rt.device,
-                          host=pipe, is_main=rt.is_main, vae_scale_factor=vae_scale_factor(pipe))
+                          host=pipe, is_main=rt.is_main, row_pixels=row_pixels(pipe))
     _install(target, lambda: main_rank.install(pipe, target) if main_rank_stages else None)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=not rt.is_main)

@@ -68,11 +68,8 @@ def _load_config(model: str) -> dict:
         raise UserError(f"model={model!r}: the hub could not provide it ({reason}).") from None
 
 
-def load_pipeline(model: str | None = None, *, dtype: Any = None, pipeline_class: Any = None):
-    """`DiffusionPipeline.from_pretrained` on `model` (default: the reference model), safety checker off."""
-    from diffusers import DiffusionPipeline
-
-    model = model or default_model()
+def _checked(model: str) -> str:
+    """`model` as a local folder path or a hub id, or the one-line error for a path that is not a pipeline folder."""
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -81,9 +78,47 @@ def load_pipeline(model: str | None = None, *, dtype: Any = None, pipeline_class
             raise UserError(
                 f"model={model!r}: folder has no model_index.json, so it is not a diffusers pipeline folder."
             )
-        model = str(path)
-    elif _looks_like_path(model):
+        return str(path)
+    if _looks_like_path(model):
         raise UserError(f"model={model!r}: no such folder.")
+    return model
+
+
+def _component_config(model: str, subfolder: str) -> dict | None:
+    """`subfolder/config.json` of a local folder or of a cached hub model; None when not at hand (never downloads)."""
+    import json
+
+    path = Path(model) / subfolder / "config.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    if Path(model).exists():
+        return None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(model, "config.json", subfolder=subfolder,
+                                               local_files_only=True)).read_text())
+    except Exception:  # noqa: BLE001 - not cached: the caller skips what needs it
+        return None
+
+
+def pipeline_facts(model: str | None = None) -> dict:
+    """What the CLI checks before loading `model` (default: the reference model), from its config files only:
+    `class_name` (model_index.json's pipeline class, which `load_pipeline` builds), `unet` and `vae` (their
+    config.json, or None when not at hand), `name` (how to mention the model in a message)."""
+    name = model or "the embedded model"
+    model = _checked(model or default_model())
+    config = _load_config(model)
+    return {"class_name": config.get("_class_name", ""), "unet": _component_config(model, "unet"),
+            "vae": _component_config(model, "vae"), "name": name}
+
+
+def load_pipeline(model: str | None = None, *, dtype: Any = None, pipeline_class: Any = None):
+    """`DiffusionPipeline.from_pretrained` on `model` (default: the reference model), safety checker off; the
+    pipeline class is model_index.json's (StableDiffusionInpaintPipeline, StableDiffusionUpscalePipeline, ...)."""
+    from diffusers import DiffusionPipeline
+
+    model = _checked(model or default_model())
     cls = pipeline_class or DiffusionPipeline
     config = _load_config(model)
     extra = {}

@@ -3,11 +3,17 @@
 Every builder seeds torch's global RNG itself, so the same call gives the same weights in any process (a spawned
 rank, a torchrun worker, the test process):
 
-    tiny_unet(kind, seed)           UNet2DConditionModel: "sd", "sdxl", "sd-wide" (the SD pipeline's), "deep"
+    tiny_unet(kind, seed)           UNet2DConditionModel: "sd", "sdxl", "sd-wide" (the SD pipeline's), "deep",
+                                    "sd-inpaint", "sdxl-inpaint" (9 input channels), "upscaler" (the x4 upscaler's
+                                    block types: 7 input channels, noise-level class embedding, cross-only attention)
     unet_inputs(kind, ...)          call kwargs for tiny_unet(kind)
     tiny_sd3_transformer(layers)    SD3Transformer2DModel
     tiny_sd_pipeline(seed)          StableDiffusionPipeline around tiny_unet("sd-wide")
     tiny_sdxl_pipeline(seed)        StableDiffusionXLPipeline around tiny_unet("sdxl")
+    tiny_sd_inpaint_pipeline(seed)  StableDiffusionInpaintPipeline around tiny_unet("sd-inpaint")
+    tiny_sdxl_inpaint_pipeline(seed)  StableDiffusionXLInpaintPipeline around tiny_unet("sdxl-inpaint")
+    tiny_upscale_pipeline(seed)     StableDiffusionUpscalePipeline around tiny_unet("upscaler") (v-prediction DDIM,
+                                    DDPM low-res scheduler, x4 VAE)
     tiny_stream_pipeline(...)       the stream tests' pipeline: `paradiff.stream.tiny.tiny_pipeline`, which stays in
                                     the package because `paradiff stream --tiny` uses it
     tiny_taesd(seed)                AutoencoderTiny of TAESD's layout
@@ -37,6 +43,15 @@ _UNETS = {
                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), mid_block_type=None,
                  up_block_types=("UpBlock2D", "UpBlock2D")),
 }
+# Inpainting UNets take [latent, mask, masked-image latent] (4 + 1 + 4 channels), as SD1.5- and SDXL-inpainting.
+_UNETS["sd-inpaint"] = dict(_UNETS["sd-wide"], in_channels=9)
+_UNETS["sdxl-inpaint"] = dict(_UNETS["sdxl"], in_channels=9)
+# The x4 upscaler's layout at toy widths: [latent, low-res image] (4 + 3 channels), the noise level as class label
+# (num_class_embeds), a plain first down block, cross-attention-only transformers except at the lowest resolution.
+_UNETS["upscaler"] = dict(block_out_channels=(16, 32, 32), attention_head_dim=4, in_channels=7, num_class_embeds=1000,
+                          down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                          up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                          only_cross_attention=(True, True, False), use_linear_projection=True)
 
 
 def tiny_unet(kind: str = "sd", seed: int = 0, *, sample_size: int = 16, cross_dim: int = 32,
@@ -44,7 +59,8 @@ def tiny_unet(kind: str = "sd", seed: int = 0, *, sample_size: int = 16, cross_d
     """A tiny random UNet2DConditionModel.
 
     kind: "sd" (SD-1.x-like), "sdxl" (text_time added conditioning), "sd-wide" (the UNet of `tiny_sd_pipeline`,
-    also the async benchmark's), "deep" (six transformer layers in one block, no mid block).
+    also the async benchmark's), "deep" (six transformer layers in one block, no mid block), "sd-inpaint" and
+    "sdxl-inpaint" (sd-wide and sdxl with 9 input channels), "upscaler" (the x4 upscaler's block types).
     fill_zeros: a fresh UNet has zero-initialised layers (conv_out); give them N(0, 0.05) weights so that outputs
     are informative. train: leave the module in training mode (nn.Module's default; the pipelines keep it)."""
     from diffusers import UNet2DConditionModel
@@ -52,8 +68,9 @@ def tiny_unet(kind: str = "sd", seed: int = 0, *, sample_size: int = 16, cross_d
     if kind not in _UNETS:
         raise ValueError(kind)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
-                                norm_num_groups=8, cross_attention_dim=cross_dim, **_UNETS[kind])
+    config = {"in_channels": 4, **_UNETS[kind]}
+    unet = UNet2DConditionModel(sample_size=sample_size, out_channels=4, layers_per_block=1, norm_num_groups=8,
+                                cross_attention_dim=cross_dim, **config)
     if fill_zeros:
         with torch.no_grad():
             for p in unet.parameters():
@@ -63,11 +80,15 @@ def tiny_unet(kind: str = "sd", seed: int = 0, *, sample_size: int = 16, cross_d
 
 
 def unet_inputs(kind: str = "sd", batch: int = 2, size: int = 16, seed: int = 1) -> dict:
-    """Call kwargs for `tiny_unet(kind)`: latent, scalar timestep, text states (+ SDXL added conditioning)."""
+    """Call kwargs for `tiny_unet(kind)`: latent, scalar timestep, text states (+ SDXL added conditioning, + the
+    upscaler's noise level as `class_labels`)."""
     g = torch.Generator().manual_seed(seed)
-    kwargs = dict(sample=torch.randn(batch, 4, size, size, generator=g), timestep=torch.tensor(500.0),
+    channels = _UNETS[kind].get("in_channels", 4)
+    kwargs = dict(sample=torch.randn(batch, channels, size, size, generator=g), timestep=torch.tensor(500.0),
                   encoder_hidden_states=torch.randn(batch, 7, 32, generator=g))
-    if kind == "sdxl":
+    if kind == "upscaler":
+        kwargs["class_labels"] = torch.full((batch,), 20, dtype=torch.long)
+    if "addition_embed_type" in _UNETS[kind]:
         kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, 32, generator=g),
                                        "time_ids": torch.tensor([[size * 8.0, size * 8.0, 0, 0, size * 8.0, size * 8.0]] * batch)}
     return kwargs
@@ -127,6 +148,82 @@ def tiny_sdxl_pipeline(seed: int = 0):
                                        steps_offset=1, timestep_spacing="leading")
     return StableDiffusionXLPipeline(vae=vae, text_encoder=encoder, text_encoder_2=encoder_2, tokenizer=tokenizer,
                                      tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
+
+
+def _tiny_vae(blocks: int = 2, sample_size: int = 32, **config):
+    """AutoencoderKL at toy widths: `blocks` levels (2**(blocks-1) pixels per latent row), 4 latent channels."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(16, 32, 32)[:blocks], in_channels=3, out_channels=3, latent_channels=4,
+                         down_block_types=("DownEncoderBlock2D",) * blocks,
+                         up_block_types=("UpDecoderBlock2D",) * blocks, norm_num_groups=8, sample_size=sample_size,
+                         **config)
+
+
+def _tiny_clip(hidden: int, tokenizer, **config):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=2, num_hidden_layers=2,
+                          vocab_size=tokenizer.vocab_size, max_position_embeddings=77, **config)
+
+
+def tiny_sd_inpaint_pipeline(seed: int = 0):
+    """A tiny random StableDiffusionInpaintPipeline (DDIM; 9-channel UNet: latent, mask, masked-image latent)."""
+    from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline
+    from transformers import CLIPTextModel
+
+    from paradiff.archs import _tokenizer
+
+    unet = tiny_unet("sd-inpaint", seed)
+    torch.manual_seed(seed)
+    tokenizer = _tokenizer("stable-diffusion-v1-5", "tokenizer")
+    text_encoder = CLIPTextModel(_tiny_clip(32, tokenizer)).eval()
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return StableDiffusionInpaintPipeline(vae=_tiny_vae().eval(), text_encoder=text_encoder, tokenizer=tokenizer,
+                                          unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                          requires_safety_checker=False)
+
+
+def tiny_sdxl_inpaint_pipeline(seed: int = 0):
+    """A tiny random StableDiffusionXLInpaintPipeline (Euler; two CLIP encoders, text_time, 9-channel UNet)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLInpaintPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from paradiff.archs import _tokenizer
+
+    unet = tiny_unet("sdxl-inpaint", seed)
+    torch.manual_seed(seed)
+    tokenizer = _tokenizer("stable-diffusion-v1-5", "tokenizer")
+    encoder = CLIPTextModel(_tiny_clip(16, tokenizer)).eval()
+    encoder_2 = CLIPTextModelWithProjection(_tiny_clip(16, tokenizer, projection_dim=32)).eval()
+    scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                       steps_offset=1, timestep_spacing="leading")
+    return StableDiffusionXLInpaintPipeline(vae=_tiny_vae().eval(), text_encoder=encoder, text_encoder_2=encoder_2,
+                                            tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
+                                            requires_aesthetics_score=False)
+
+
+def tiny_upscale_pipeline(seed: int = 0):
+    """A tiny random StableDiffusionUpscalePipeline as the x4 upscaler's: v-prediction DDIM, a DDPM low-res scheduler
+    that noises the input image to `noise_level` (the UNet's class label), a 3-level VAE (x4 pixels per latent row),
+    a 7-channel UNet (latent + low-res image)."""
+    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionUpscalePipeline
+    from transformers import CLIPTextModel
+
+    from paradiff.archs import _tokenizer
+
+    unet = tiny_unet("upscaler", seed)
+    torch.manual_seed(seed)
+    tokenizer = _tokenizer("stable-diffusion-v1-5", "tokenizer")
+    text_encoder = CLIPTextModel(_tiny_clip(32, tokenizer)).eval()
+    vae = _tiny_vae(3, sample_size=64, scaling_factor=0.08333).eval()
+    low_res = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.0001, beta_end=0.02, num_train_timesteps=1000,
+                            variance_type="fixed_small")
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.0001, beta_end=0.02, clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction")
+    return StableDiffusionUpscalePipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                          low_res_scheduler=low_res, scheduler=scheduler, max_noise_level=350)
 
 
 def tiny_stream_pipeline(scheduler: str = "lcm", prediction_type: str = "epsilon", size: int = 64, seed: int = 0,

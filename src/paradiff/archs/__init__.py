@@ -26,9 +26,13 @@ SHIPPED = (
     "sd-turbo",
     "sdxl-turbo",
     "taesd",
+    "stable-diffusion-inpainting",
+    "stable-diffusion-xl-1.0-inpainting-0.1",
+    "stable-diffusion-x4-upscaler",
 )
 ALIASES = {"sd15": "stable-diffusion-v1-5", "sd21": "stable-diffusion-2-1", "sd21-base": "stable-diffusion-2-1-base",
-           "sdxl": "stable-diffusion-xl-base-1.0"}
+           "sdxl": "stable-diffusion-xl-base-1.0", "sd15-inpainting": "stable-diffusion-inpainting",
+           "sdxl-inpainting": "stable-diffusion-xl-1.0-inpainting-0.1", "x4-upscaler": "stable-diffusion-x4-upscaler"}
 
 
 def resolve(arch: str) -> str:
@@ -90,6 +94,8 @@ def _randomize(module: Any, seed: int) -> Any:
     import torch
 
     gen_device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    if gen_device.type == "meta":  # nothing allocated: nothing to fill
+        return module
     generator = torch.Generator(gen_device).manual_seed(seed)
     with torch.no_grad():
         for name, param in module.named_parameters():
@@ -167,7 +173,8 @@ def _text_encoder(arch: str, subfolder: str, class_name: str, dtype: Any, device
 def build_pipeline(arch: str, *, dtype: Any = None, device: Any = "cpu", seed: int = 0):
     """A complete diffusers pipeline of `arch` (text encoders, tokenizers, denoiser, VAE, scheduler), random weights.
 
-    Only CLIP-tokenizer pipelines (SD1.x/2.x/XL/Turbo) are supported here.
+    Only CLIP-tokenizer pipelines (SD1.x/2.x/XL/Turbo, their inpainting models, the x4 upscaler) are supported here;
+    `device="meta"` builds one without allocating its weights.
     """
     import diffusers
 
@@ -191,11 +198,15 @@ def build_pipeline(arch: str, *, dtype: Any = None, device: Any = "cpu", seed: i
             components[name] = _tokenizer(arch, name)
         elif name.startswith("text_encoder"):
             components[name] = _text_encoder(arch, name, class_name, dtype, device, seed + offset)
-        elif name == "scheduler":
-            components[name] = getattr(diffusers, class_name).from_pretrained(str(root), subfolder="scheduler")
+        elif name.endswith("scheduler"):  # the x4 upscaler also has a low_res_scheduler
+            components[name] = getattr(diffusers, class_name).from_pretrained(str(root), subfolder=name)
         else:
             components[name] = build_model(arch, name, dtype=dtype, device=device, seed=seed + offset)
-    extra = {}
+    import inspect
+
+    accepted = inspect.signature(pipe_cls.__init__).parameters
+    extra = {key: value for key, value in index.items()  # pipeline settings: max_noise_level, requires_aesthetics_score
+             if not key.startswith("_") and not isinstance(value, list) and key in accepted}
     if "safety_checker" in index:
         extra.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     if "image_encoder" in index:

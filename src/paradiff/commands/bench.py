@@ -54,10 +54,15 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def _native_size(denoiser) -> tuple[int, int]:
+def _native_size(denoiser, pipe=None) -> tuple[int, int]:
+    """The output size at the denoiser's sample size: 8 px per latent row, or the pipeline's VAE scale (4 for the
+    x4 upscaler, whose 128-row latent is a 128 px input and a 512 px output)."""
+    from paradiff.plans.common import vae_scale_factor
+
     sample = denoiser.config.sample_size
     sample = sample[0] if isinstance(sample, (list, tuple)) else sample
-    return sample * 8, sample * 8
+    scale = vae_scale_factor(pipe) if pipe is not None else 8
+    return sample * scale, sample * scale
 
 
 def run(args: argparse.Namespace) -> int:
@@ -100,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
             load_model(args, dtype=dtype).to(rt.device)
         pipe.set_progress_bar_config(disable=True)
         denoiser = pipe.unet
-        height, width = args.size or _native_size(denoiser)
+        height, width = args.size or _native_size(denoiser, pipe)
         e2e_runs = max(1, args.runs // 4)
         common = dict(prompt="an astronaut riding a horse", steps=args.steps, height=height, width=width,
                       guidance=args.guidance, device=rt.device, runs=e2e_runs, warmup=max(1, min(args.warmup, 2)))

@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import time
 
-from paradiff.commands.common import add_model_args, add_parallel_args, image_size, non_negative_int, positive_int
+from paradiff.commands.common import (add_model_args, add_parallel_args, check_before_launch, image_size,
+                                      non_negative_int, positive_int)
+from paradiff.errors import UserError
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate an image from a prompt",
-                       description="Generate an image. Under --nproc N or torchrun, all ranks work on one image.")
+                       description="Generate an image. Under --nproc N or torchrun, all ranks work on one image. "
+                                   "The pipeline is the --model's own (model_index.json): text-to-image, "
+                                   "inpainting (--image and --mask) or the x4 upscaler (--image).")
     p.add_argument("prompt", help="text prompt")
     p.add_argument("--negative-prompt", default=None)
     add_model_args(p)
@@ -19,9 +23,94 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (default: 3.0 for the embedded model, else the pipeline's)")
+    p.add_argument("--image", default=None,
+                   help="input image file (PNG): the picture to inpaint (with --mask) or to upscale (x4 upscaler)")
+    p.add_argument("--mask", default=None,
+                   help="inpainting mask (PNG, same picture size): white is repainted, black kept")
     p.add_argument("-o", "--output", default="out.png", help="output image file (written by rank 0)")
     add_parallel_args(p)
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, check_before_launch=check_generate_before_launch)
+
+
+def check_generate_before_launch(args: argparse.Namespace) -> None:
+    """The shared launch checks, then the image inputs against the model (one line before any rank starts)."""
+    check_before_launch(args)
+    image_inputs(args, args.nproc or 1)
+
+
+def _open_image(flag: str, path: str, mode: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert(mode)
+    except FileNotFoundError:
+        raise UserError(f"{flag} {path}: no such file.") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise UserError(f"{flag} {path}: not an image file ({type(err).__name__}).") from None
+
+
+def _patch_degree(method: str, world: int) -> int | None:
+    parts = method.split("+")
+    return world // (2 if "cfg" in parts else 1) if "patch" in parts else None
+
+
+def image_inputs(args: argparse.Namespace, world: int) -> dict:
+    """The image arguments of the pipeline call, checked against the model's pipeline class (model_index.json) and
+    against the row split of patch parallelism over `world` ranks; a UserError says what is wrong in one line.
+
+    Inpainting: `image`, `mask_image`, and the output size (--size, else the image's). The x4 upscaler: `image`
+    (its output is 4x larger; --size does not apply). Text-to-image models take neither flag."""
+    from paradiff.methods.patch import patch_rows_message
+    from paradiff.pipelines import pipeline_facts
+    from paradiff.plans.common import INPAINT_PIPELINES, UPSCALE_PIPELINES, pixels_per_latent_row
+
+    if args.mask and not args.image:
+        raise UserError("--mask needs --image: the picture whose masked part is repainted.")
+    facts = pipeline_facts(args.model)
+    cls, name = facts["class_name"], facts["name"]
+    inpaint, upscale = cls in INPAINT_PIPELINES, cls in UPSCALE_PIPELINES
+    if args.mask and not inpaint:
+        raise UserError(f"--mask is for inpainting models; {name} is a {cls}.")
+    if args.image and not (inpaint or upscale):
+        raise UserError(f"--image needs an inpainting model (with --mask) or the x4 upscaler; {name} is a {cls} "
+                        "(text to image).")
+    if inpaint and not args.mask:
+        raise UserError(f"{name} is an inpainting model ({cls}): give --image and --mask.")
+    if upscale and not args.image:
+        raise UserError(f"{name} is an upscaler ({cls}): give --image, the picture to upscale.")
+    vae, unet = facts["vae"], facts["unet"]
+    scale = 2 ** (len(vae["block_out_channels"]) - 1) if vae else 8
+    kwargs: dict = {}
+    size = args.size
+    if args.image:
+        image = _open_image("--image", args.image, "RGB")
+        kwargs["image"] = image
+        if upscale:
+            if args.size:
+                raise UserError(f"--size does not apply to an upscaler: its output is {scale}x the --image "
+                                f"({image.height}x{image.width} -> {image.height * scale}x{image.width * scale}).")
+            size = (image.height // scale * scale, image.width // scale * scale)  # diffusers' rounding
+        elif size is None:
+            size = (image.height, image.width)
+            if image.height % scale or image.width % scale:
+                fit = f"{image.height // scale * scale}x{image.width // scale * scale}"
+                raise UserError(f"--image is {image.height}x{image.width} px; the output of inpainting needs sides "
+                                f"that are multiples of {scale}: give --size (e.g. {fit}).")
+            kwargs["height"], kwargs["width"] = size
+    if args.mask:
+        kwargs["mask_image"] = _open_image("--mask", args.mask, "L")
+    degree = _patch_degree(getattr(args, "method", "none"), world)
+    if degree and degree > 1 and unet and unet.get("down_block_types"):  # a UNet: 2x down per block but the last
+        if size is None:
+            sample = unet.get("sample_size") or 64
+            size = (sample[0] if isinstance(sample, (list, tuple)) else sample) * scale, 0
+        row_pixels, image_name = pixels_per_latent_row(cls, scale)
+        rows = size[0] // row_pixels if upscale else size[0] // scale
+        message = patch_rows_message(rows, degree, 2 ** (len(unet["down_block_types"]) - 1), row_pixels, image_name)
+        if message is not None:
+            raise UserError(message)
+    return kwargs
 
 
 def call_kwargs(args: argparse.Namespace) -> dict:
@@ -72,9 +161,12 @@ def prepare_pipeline(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
+
     start = time.perf_counter()
+    images = image_inputs(args, int(os.environ.get("WORLD_SIZE", args.nproc or 1)))  # before loading the model
     rt, pipe = prepare_pipeline(args)
-    image = pipe(args.prompt, generator=generators(args.seed), **call_kwargs(args)).images[0]
+    image = pipe(args.prompt, generator=generators(args.seed), **{**call_kwargs(args), **images}).images[0]
     if rt.is_main:
         image.save(args.output)
         print(f"wrote {args.output} ({image.height}x{image.width}, {args.steps} steps, "

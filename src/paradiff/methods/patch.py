@@ -138,7 +138,7 @@ class PatchHook(ModelHook):
         self.exchange = StaleExchange(group, bucket_mb=config.bucket_mb)
         self.world, self.rank = self.exchange.world, self.exchange.rank
         self.factor = unet2d.downsampling_factor(unet)
-        self.vae_scale_factor = target.vae_scale_factor
+        self.row_pixels, self.image_name = target.row_pixels  # the upscaler: its input image, 1 px per row
         hooks = {}
         if config.mode == "displaced":
             hooks = unet2d.apply(unet, self.exchange, config.gn_mode,
@@ -158,14 +158,9 @@ class PatchHook(ModelHook):
         self.target.start()
 
     def _check_rows(self, rows: int) -> None:
-        need = self.world * self.factor
-        if rows % need:
-            px = need * self.vae_scale_factor
-            low, high = rows // need * need, (rows // need + 1) * need
-            raise UserError(
-                f"patch parallelism over {self.world} ranks needs the latent height to be a multiple of {need} "
-                f"(image height a multiple of {px} px), got {rows} latent rows ({rows * self.vae_scale_factor} px); "
-                f"use a height of {max(low, need) * self.vae_scale_factor} or {high * self.vae_scale_factor} px.")
+        message = patch_rows_message(rows, self.world, self.factor, self.row_pixels, self.image_name)
+        if message is not None:
+            raise UserError(message)
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         sample = args[0] if args else kwargs["sample"]
@@ -207,6 +202,19 @@ class PatchHook(ModelHook):
             out)
         self.exchange.finish()
         return out
+
+
+def patch_rows_message(rows: int, world: int, factor: int, row_pixels: int = 8, image: str = "image") -> str | None:
+    """The one-line error for `rows` latent rows that `world` patches of a UNet downsampling by `factor` cannot
+    split (None when they can); `row_pixels` pixels of `image` per latent row (the CLI checks with it too)."""
+    need = world * factor
+    if rows % need == 0:
+        return None
+    low, high = rows // need * need, (rows // need + 1) * need
+    return (f"patch parallelism over {world} ranks needs the latent height to be a multiple of {need} "
+            f"({image} height a multiple of {need * row_pixels} px), got {rows} latent rows "
+            f"({rows * row_pixels} px); use a{'n' if image[0] in 'aeiou' else ''} {image} height of "
+            f"{max(low, need) * row_pixels} or {high * row_pixels} px.")
 
 
 def _order_defaults(execution: Execution) -> dict:

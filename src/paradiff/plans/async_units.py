@@ -70,10 +70,11 @@ def _unet_units(model: torch.nn.Module, expand: Any = frozenset()) -> list[str]:
 
 def _unet_inputs(model: torch.nn.Module, batch: int) -> dict:
     cfg = model.config
-    if cfg.addition_embed_type not in (None, "text_time") or cfg.class_embed_type is not None:
-        raise UserError(f"AsyncDenoise supports UNets conditioned on text (SD1.x/2.x) and text+time (SDXL); this one "
-                        f"has addition_embed_type={cfg.addition_embed_type!r}, class_embed_type={cfg.class_embed_type!r}.")
-    return example_inputs(model, batch)
+    if cfg.addition_embed_type not in (None, "text_time"):
+        raise UserError(f"AsyncDenoise supports UNets conditioned on text (SD1.x/2.x), text+time (SDXL) and class "
+                        f"labels (the x4 upscaler's noise level); this one has "
+                        f"addition_embed_type={cfg.addition_embed_type!r}.")
+    return example_inputs(model, batch)  # with `class_labels` when the UNet has a class embedding
 
 
 def _sd3_units(model: torch.nn.Module, expand: Any = frozenset()) -> list[str]:

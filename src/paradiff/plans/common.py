@@ -37,6 +37,44 @@ def vae_scale_factor(pipe: Any) -> int:
     return 2 ** (len(channels) - 1) if channels else 8
 
 
+UPSCALE_PIPELINES = ("StableDiffusionUpscalePipeline",)
+"""Pipelines that denoise at their input image's size (one latent row per input pixel row; the output is
+`vae_scale_factor` times larger): the SD x4 upscaler."""
+INPAINT_PIPELINES = ("StableDiffusionInpaintPipeline", "StableDiffusionXLInpaintPipeline")
+
+
+def pixels_per_latent_row(pipeline_class: str, scale: int) -> tuple[int, str]:
+    """(pixels per latent row, of which image) for a pipeline class name and its VAE scale factor: the x4 upscaler
+    counts its input image (1 px per row), every other pipeline its output image (`scale` px per row)."""
+    return (1, "input image") if pipeline_class in UPSCALE_PIPELINES else (scale, "image")
+
+
+def row_pixels(pipe: Any) -> tuple[int, str]:
+    """`pixels_per_latent_row` of a pipeline object (what patch parallelism's size errors speak of)."""
+    names = [cls.__name__ for cls in type(pipe).__mro__]
+    name = next((n for n in names if n in UPSCALE_PIPELINES), type(pipe).__name__)
+    return pixels_per_latent_row(name, vae_scale_factor(pipe))
+
+
+def image_inputs(pipe: Any, height: int, width: int) -> dict:
+    """Call arguments an image-conditioned pipeline needs beside the prompt, for a `height` x `width` output
+    (benchmarks: the values do not matter for speed): inpainting a gray image and a centred square mask; the
+    x4 upscaler a gray input image `row_pixels` times smaller, in place of height/width (it has none). {} for
+    text-to-image pipelines."""
+    from PIL import Image
+
+    names = {cls.__name__ for cls in type(pipe).__mro__}
+    if names & set(UPSCALE_PIPELINES):
+        scale = vae_scale_factor(pipe)
+        return {"image": Image.new("RGB", (width // scale, height // scale), (128, 128, 128)),
+                "height": None, "width": None}
+    if names & set(INPAINT_PIPELINES):
+        mask = Image.new("L", (width, height), 0)
+        mask.paste(255, (width // 4, height // 4, 3 * width // 4, 3 * height // 4))
+        return {"image": Image.new("RGB", (width, height), (128, 128, 128)), "mask_image": mask}
+    return {}
+
+
 @lru_cache(maxsize=None)
 def _parameter_names(cls: type) -> tuple[str, ...]:
     return tuple(list(inspect.signature(cls.forward).parameters)[1:])
@@ -61,10 +99,41 @@ def _side(sample_size: Any) -> tuple[int, int]:
     return int(sample_size or 64), int(sample_size or 64)
 
 
+CLASS_LABEL_EXAMPLE = 20  # a valid class index for every num_class_embeds > 20 (the x4 upscaler's noise level, <= 350)
+
+
+def class_labels(model: torch.nn.Module, batch: int, *, device: Any = "meta", dtype: torch.dtype = torch.float32,
+                 generator: torch.Generator | None = None) -> torch.Tensor | None:
+    """The `class_labels` a UNet with a class embedding needs (None when it has none), by `class_embed_type`:
+    None + `num_class_embeds` (an nn.Embedding: integer labels, e.g. the x4 upscaler's noise level), "timestep"
+    (timestep-like numbers), "identity" (vectors of the time-embedding width), "projection"/"simple_projection"
+    (vectors of `projection_class_embeddings_input_dim`)."""
+    config = model.config
+    kind, count = config.get("class_embed_type"), config.get("num_class_embeds")
+    if getattr(model, "class_embedding", None) is None:
+        return None
+    device = torch.device(device)
+    if kind is None and count:
+        return torch.full((batch,), min(CLASS_LABEL_EXAMPLE, count - 1), dtype=torch.long, device=device)
+    if kind == "timestep":
+        return torch.full((batch,), 500.0, device=device)
+    if kind == "identity":
+        width = config.get("time_embedding_dim") or config.block_out_channels[0] * 4
+    elif kind in ("projection", "simple_projection"):
+        width = config.projection_class_embeddings_input_dim
+    else:
+        raise UserError(f"paradiff does not know the class labels of class_embed_type={kind!r} yet.")
+    if device.type == "meta":
+        return torch.empty(batch, width, device=device, dtype=dtype)
+    return torch.randn(batch, width, generator=generator).to(device=device, dtype=dtype)
+
+
 def example_inputs(model: torch.nn.Module, batch: int = 2, height: int | None = None, width: int | None = None, *,
                    device: Any = "meta", dtype: torch.dtype = torch.float32, seed: int = 0) -> dict:
     """Keyword arguments of one denoiser call at `height` x `width` latent rows/columns (default: the model's
-    sample size): empty tensors on the meta device (tracing), else seeded random values."""
+    sample size): empty tensors on the meta device (tracing), else seeded random values. UNets get `in_channels`
+    input channels (9 for inpainting: latent, mask, masked-image latent; 7 for the x4 upscaler: latent, low-res
+    image), SDXL's added conditioning and, with a class embedding, `class_labels` (see `class_labels`)."""
     config = model.config
     device = torch.device(device)
     default_h, default_w = _side(config.get("sample_size"))
@@ -87,6 +156,9 @@ def example_inputs(model: torch.nn.Module, batch: int = 2, height: int | None = 
     cross = cross[0] if isinstance(cross, (list, tuple)) else cross
     kwargs: dict = dict(sample=randn(batch, config.in_channels, h, w), timestep=timestep,
                         encoder_hidden_states=randn(batch, 77, cross))
+    labels = class_labels(model, batch, device=device, dtype=dtype, generator=generator)
+    if labels is not None:
+        kwargs["class_labels"] = labels
     if config.get("addition_embed_type") == "text_time":
         text_dim = config.projection_class_embeddings_input_dim - SDXL_TIME_IDS * config.addition_time_embed_dim
         scale = 8

@@ -67,6 +67,12 @@ def test_clock_img2img_starts_part_way_and_follows_a_swapped_scheduler():
     pipe.scheduler.set_timesteps(4)  # not hooked yet: picked up at the next denoiser call
     assert [clock.tick(t).step for t in pipe.scheduler.timesteps] == [0, 1, 2, 3]
     assert "set_timesteps" not in vars(heun) and "set_timesteps" in vars(pipe.scheduler)
+    pipe.scheduler.set_timesteps(6)  # DDIM img2img: the loop starts at index 2, with no begin index to read
+    positions = []
+    for t in pipe.scheduler.timesteps[2:]:
+        clock.tick(t)
+        positions.append(clock.position(t))
+    assert positions == [2, 3, 4, 5]
 
 
 def test_clock_resets_at_each_generation():

@@ -56,6 +56,7 @@ class StepClock:
         self._total = self._order = 1
         self._warm = 0
         self._begin: int | None = 0
+        self._begin_known = True  # False: 0 stands in, which the step arithmetic of the scheduler allows
         self._started = False
         if host is not None:
             self.attach(host.scheduler)
@@ -94,6 +95,7 @@ class StepClock:
         """A generation starts on `scheduler` (called after its `set_timesteps`; None: a bare model's caller)."""
         if scheduler is None:
             self._total, self._order, self._warm, self._begin = 2**62, 1, 0, 0
+            self._begin_known = True
         else:
             timesteps = getattr(scheduler, "timesteps", None)
             if timesteps is None:
@@ -103,6 +105,7 @@ class StepClock:
             steps = getattr(scheduler, "num_inference_steps", None) or self._total
             self._warm = self._total - int(steps) * self._order  # diffusers' `num_warmup_steps` (Heun: -1)
             self._begin = None if (self._warm or self._order > 1) else 0  # only these need the offset
+            self._begin_known = False
         self.generation += 1
         self.calls = 0
         self._started = True
@@ -116,17 +119,18 @@ class StepClock:
         low = max(1, self._warm + 1)
         return 0 if position < low else position // self._order - (low - 1) // self._order
 
-    def _find_begin(self, timestep: Any) -> int:
-        """Where this generation starts in `scheduler.timesteps` (img2img skips the first ones)."""
+    def _find_begin(self, timestep: Any, call: int) -> int:
+        """Where this generation starts in `scheduler.timesteps` (img2img skips the first ones), from call number
+        `call` and its timestep: the scheduler's begin index, else the first match (one host sync)."""
         begin = getattr(self.scheduler, "begin_index", None)
         if begin is not None:
             return int(begin)
-        ts = self.scheduler.timesteps
         if timestep is None:
             return 0
+        ts = self.scheduler.timesteps
         t = timestep.reshape(-1)[0] if isinstance(timestep, torch.Tensor) else torch.tensor(float(timestep))
-        hits = (ts.to(t.device, t.dtype) == t).nonzero()  # one host sync per generation, multi-call schedulers only
-        return int(hits[0, 0]) if len(hits) else 0
+        hits = (ts.to(t.device, t.dtype) == t).nonzero()
+        return int(hits[0, 0]) - call if len(hits) else 0
 
     # -- calls -------------------------------------------------------------------------------------------------
     def tick(self, timestep: Any = None) -> Tick:
@@ -140,8 +144,8 @@ class StepClock:
         if not self._started:
             raise UserError("the denoiser was called outside a pipeline call paradiff can follow (no "
                             "scheduler.set_timesteps since parallelize); call the pipeline, or set_timesteps first.")
-        if self._begin is None:
-            self._begin = self._find_begin(timestep)
+        if self._begin is None:  # multi-call schedulers only
+            self._begin, self._begin_known = self._find_begin(timestep, self.calls), True
         position = self._begin + self.calls
         first = self._step_of(self._begin)
         self.current = Tick(self.generation, self.calls, self._step_of(position) - first,
@@ -149,7 +153,9 @@ class StepClock:
         self.calls += 1
         return self.current
 
-    @property
-    def position(self) -> int:
-        """Index into `scheduler.timesteps` of the current call (after `tick`)."""
-        return (self._begin or 0) + self.calls - 1
+    def position(self, timestep: Any) -> int:
+        """Index into `scheduler.timesteps` of the current call (after `tick`; `timestep`: the call's own, to find
+        where an img2img generation starts, once per generation)."""
+        if not self._begin_known:
+            self._begin, self._begin_known = self._find_begin(timestep, self.calls - 1), True
+        return self._begin + self.calls - 1

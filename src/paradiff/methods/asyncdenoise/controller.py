@@ -27,7 +27,6 @@ class _Controller(ModelHook):
         self._async_from = 0     # first call of the asynchronous steps in this generation
         self._pending = None     # stride 2, rank N-1: its output for the next (idle) step
         self._out_spec = self._out_meta = None
-        self._begin: tuple[int, int] | None = None  # (generation, index of its first call in scheduler.timesteps)
 
     # -- step bookkeeping -------------------------------------------------------------------------------------
     def _timestep(self, args, kwargs):
@@ -39,19 +38,6 @@ class _Controller(ModelHook):
         if len(args) > self.t_pos:
             return args[: self.t_pos] + (new,) + args[self.t_pos + 1:], kwargs
         return args, {**kwargs, "timestep": new}
-
-    def _index(self, args, kwargs, timesteps) -> int:
-        """Index of this call's timestep in the scheduler's list (img2img starts part-way: found once per
-        generation, one host sync)."""
-        tick = self.target.tick
-        if self._begin is None or self._begin[0] != tick.generation:
-            t = self._timestep(args, kwargs)
-            t0 = t.reshape(-1)[0].to(timesteps.device, timesteps.dtype) if _tensor(t) else \
-                torch.tensor(t, dtype=timesteps.dtype)
-            hits = (timesteps == t0).nonzero()
-            found = int(hits[0, 0]) if len(hits) else tick.call
-            self._begin = (tick.generation, found - tick.call)
-        return self._begin[1] + tick.call
 
     # -- running ------------------------------------------------------------------------------------------------
     def _run(self, args, kwargs):
@@ -86,7 +72,7 @@ class _Controller(ModelHook):
             src = st.n
         if shift or lead:
             timesteps = self.target.clock.scheduler.timesteps
-            index = self._index(args, kwargs, timesteps)
+            index = self.target.clock.position(self._timestep(args, kwargs))
             t_index = min(index + lead, len(timesteps) - 1) - shift
             if t_index != index:
                 args, kwargs = self._with_timestep(args, kwargs, timesteps[t_index])

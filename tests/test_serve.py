@@ -480,7 +480,14 @@ def test_sigterm_drains_the_queue_and_exits_0(patch_server, reference):
         for i in range(4)]
     for thread in threads:
         thread.start()
-    _wait(lambda: httpx.get(patch_server.url + "/health", timeout=5).json()["queue"] >= 2, timeout=60)
+    queued = []
+
+    def accepted():  # answered, queued or running: every one of the 4 was taken before the SIGTERM
+        health = httpx.get(patch_server.url + "/health", timeout=5).json()
+        queued[:] = [health["queue"]]
+        return len(results) + health["queue"] + int(bool(health["busy"])) >= 4
+
+    _wait(accepted, timeout=60)
     start = time.monotonic()
     patch_server.proc.send_signal(__import__("signal").SIGTERM)  # what a supervisor sends to the launcher
     _wait(lambda: httpx.get(patch_server.url + "/health", timeout=5).status_code == 503, timeout=10)
@@ -494,7 +501,7 @@ def test_sigterm_drains_the_queue_and_exits_0(patch_server, reference):
         assert r.status_code == 200 and np.array_equal(np.asarray(_image(r.content)), reference[i])
     output = patch_server.output()
     assert "stopped cleanly" in output and "Traceback" not in output
-    print(f"drained and stopped {time.monotonic() - start:.1f} s after SIGTERM")
+    print(f"drained {queued[0]} queued requests and stopped {time.monotonic() - start:.1f} s after SIGTERM")
 
 
 def rc_after(server, timeout):

@@ -33,7 +33,3 @@ def free_weights(module: torch.nn.Module, what: str, remedy: str) -> None:
         tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
     registry.register_hook(FreedGuard(what, remedy), FREED_HOOK)
 
-
-def is_freed(module: torch.nn.Module) -> bool:
-    registry = getattr(module, "_diffusers_hook", None)
-    return registry is not None and registry.get_hook(FREED_HOOK) is not None

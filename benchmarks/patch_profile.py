@@ -24,8 +24,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import patch_bench  # noqa: E402  (the benchmark's model, inputs, fake collectives and runtime)
 
-# first match wins: cuDNN convolutions are xmma kernels too, so "conv" comes before "gemm"
-KINDS = [("nccl", r"nccl"), ("conv", r"conv|fprop|dgrad|implicit"), ("attention", r"flash|fmha|attention|sdpa"),
+# first match wins: cuDNN's attention kernels are named "..._sdpa_..._flash_fprop_...", so "attention" comes before
+# "conv"; cuDNN convolutions are xmma kernels too, so "conv" comes before "gemm"
+KINDS = [("nccl", r"nccl"), ("attention", r"flash|fmha|attention|sdpa"), ("conv", r"conv|fprop|dgrad|implicit"),
          ("gemm", r"gemm|nvjet|xmma|cutlass|cublas|aten::mm|aten::addmm|aten::bmm|aten::linear"),
          ("triton reduction", r"triton_(red|per)"), ("triton pointwise", r"triton_poi"), ("triton other", r"triton"),
          ("copy / cat", r"memcpy|memset|copy|cat|Cat")]

@@ -51,3 +51,17 @@ def test_patch_profile_tiny(tmp_path):
     # the hooked step launches more kernels than the plain UNet on the same rows (halo, gather, statistics)
     assert variants["patch"]["kernel_calls_per_step"] > variants["rows"]["kernel_calls_per_step"]
     assert "| kernels, all |" in (tmp_path / "patch-profile.md").read_text()
+
+
+def test_profile_kinds_of_real_kernel_names():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import patch_profile
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    # names seen in the H200 profile: cuDNN's attention says "fprop" too, and must not count as a convolution
+    assert patch_profile.kind_of("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7") == "attention"
+    assert patch_profile.kind_of("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc") == "conv"
+    assert patch_profile.kind_of("nvjet_sm90_hsh_168x128_64x5_1x2_h_bz_coopA_bias_TNN") == "gemm"
+    assert patch_profile.kind_of("triton_poi_fused_gelu_mul_split_view_72") == "triton pointwise"

@@ -348,14 +348,17 @@ def _fmt(v, nd=2):
 def format_report(result: dict, max_rows: int = 0) -> str:
     """A markdown summary table (plus, with max_rows, the first per-prompt rows)."""
     c = result["config"]
+    maps = c.get("control_maps")
     lines = [f"model: {c['model']}  methods: {', '.join(c['methods']) or 'none (serial only)'}  ranks: "
-             f"{c['world_size']}  prompts: {c['prompts']}  steps: {c['steps']}  guidance: {c['guidance']}", "",
-             "| run | adherence | map adherence | map IoU | PSNR mean (dB) | PSNR min (dB) | SSIM mean | SSIM min | "
-             "max abs diff | seconds |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"{c['world_size']}  prompts: {c['prompts']}  steps: {c['steps']}  guidance: {c['guidance']}"
+             + (f"  controlnet: {c['controlnet']}" if maps else ""), "",
+             "| run | adherence | " + ("map adherence | map IoU | " if maps else "")
+             + "PSNR mean (dB) | PSNR min (dB) | SSIM mean | SSIM min | max abs diff | seconds |", "| --- " * (10 if maps else 8) + "|"]
     s, m, v = result["serial"], result["method"], result["vs_serial"]
 
     def adh(r):
-        return " | ".join(_fmt(r and r.get(k), 3) for k in ("adherence", "map_adherence", "map_iou"))
+        keys = ("adherence", "map_adherence", "map_iou") if maps else ("adherence",)
+        return " | ".join(_fmt(r and r.get(k), 3) for k in keys)
 
     lines.append(f"| serial | {adh(s)} | - | - | - | - | - | {_fmt(result['seconds']['serial'])} |")
     if v is not None:

@@ -720,7 +720,8 @@ def train_controlnet(args, device):
 @torch.no_grad()
 def _eval_controlnet(pipe, folder, device, args) -> dict:
     """Held-out adherence of base + ControlNet, for position-free and full captions (`control_heldout_set`): the
-    checker against the scene's full caption, and the map metrics (`checker.map_adherence`)."""
+    checker against the scene's full caption, and the map metrics (`checker.map_adherence`). The base model alone
+    on the position-free captions is the floor (`*_nopos_base`): where it puts shapes is chance."""
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 
     from .checker import check, map_adherence
@@ -730,26 +731,27 @@ def _eval_controlnet(pipe, folder, device, args) -> dict:
     cpipe = StableDiffusionControlNetPipeline(
         vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet, controlnet=cn,
         scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    cpipe.set_progress_bar_config(disable=True)
+    for p in (pipe, cpipe):
+        p.set_progress_bar_config(disable=True)
     steps = 2 if args.smoke else 25
     out = {}
-    for positions in (False, True):
+    for key, positions, control in (("nopos", False, True), ("full", True, True), ("nopos_base", False, False)):
         cases = control_heldout_set(args.eval_prompts, positions=positions)
         ok = map_ok = 0
         ious = []
         for i in range(0, len(cases), 64):
             chunk = cases[i:i + 64]
-            gens = [torch.Generator("cpu").manual_seed(c.seed) for c in chunk]
-            maps = torch.stack([torch.from_numpy(c.control).permute(2, 0, 1).float() / 255 for c in chunk])
-            imgs = cpipe([c.prompt for c in chunk], image=maps, num_inference_steps=steps,
-                         guidance_scale=args.eval_guidance[0], generator=gens, output_type="np").images
+            kw = dict(num_inference_steps=steps, guidance_scale=args.eval_guidance[0], output_type="np",
+                      generator=[torch.Generator("cpu").manual_seed(c.seed) for c in chunk])
+            if control:
+                kw["image"] = torch.stack([torch.from_numpy(c.control).permute(2, 0, 1).float() / 255 for c in chunk])
+            imgs = (cpipe if control else pipe)([c.prompt for c in chunk], **kw).images
             for c, im in zip(chunk, imgs):
                 im = (im * 255 + 0.5).clip(0, 255).astype("uint8")
                 ok += check(im, c.caption).matched
                 m = map_adherence(im, c.control)
                 map_ok += m.matched
                 ious.append(m.iou)
-        key = "nopos" if not positions else "full"
         out[f"adherence_{key}"] = round(ok / len(cases), 4)
         out[f"map_adherence_{key}"] = round(map_ok / len(cases), 4)
         out[f"map_iou_{key}"] = round(sum(ious) / len(ious), 4)

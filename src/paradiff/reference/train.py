@@ -376,6 +376,19 @@ def _noise_schedule(device):
     return sched, sched.alphas_cumprod.to(device)
 
 
+def _noised(x0, acp, gen, high_noise_frac):
+    """Random timesteps (`high_noise_frac` of them from [600, 1000): layout, where shapes go, is decided at high
+    noise, so oversample it), and for them alpha-bar, the noised latents and the v-prediction target."""
+    b, device = x0.shape[0], x0.device
+    t = torch.randint(0, 1000, (b,), device=device, generator=gen)
+    if high_noise_frac > 0:
+        hi = torch.rand(b, device=device, generator=gen) < high_noise_frac
+        t = torch.where(hi, torch.randint(600, 1000, (b,), device=device, generator=gen), t)
+    noise = torch.randn(x0.shape, device=device, generator=gen)
+    a = acp[t].view(-1, 1, 1, 1)
+    return t, a, a.sqrt() * x0 + (1 - a).sqrt() * noise, a.sqrt() * noise - (1 - a).sqrt() * x0
+
+
 def _encode_latents(vae, scenes, device):
     with torch.no_grad(), _autocast(device):
         x = render(scenes, device) * 2 - 1
@@ -459,15 +472,7 @@ def train_unet(args, device):
         x0 = cache_lat[idx].float()
         drop = torch.rand(args.batch, 1, device=device, generator=gen) < 0.1  # caption dropout, for CFG
         ids = torch.where(drop, empty_ids, cache_ids[idx])
-        b = x0.shape[0]
-        t = torch.randint(0, 1000, (b,), device=device, generator=gen)
-        if args.high_noise_frac > 0:  # layout (where shapes go) is decided at high noise: oversample it
-            hi = torch.rand(b, device=device, generator=gen) < args.high_noise_frac
-            t = torch.where(hi, torch.randint(600, 1000, (b,), device=device, generator=gen), t)
-        noise = torch.randn(x0.shape, device=device, generator=gen)
-        a = acp[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        v = a.sqrt() * noise - (1 - a).sqrt() * x0
+        t, a, xt, v = _noised(x0, acp, gen, args.high_noise_frac)
         with _autocast(device):
             emb = text(ids)[0]
             try:
@@ -675,14 +680,7 @@ def train_controlnet(args, device):
         cond = (sil[idx].float() / 255).expand(-1, 3, -1, -1)
         u = torch.rand(b, 1, device=device, generator=gen)
         cap_ids = torch.where(u < 0.1, empty_ids, torch.where(u < 0.1 + args.nopos_frac, ids[1, idx], ids[0, idx]))
-        t = torch.randint(0, 1000, (b,), device=device, generator=gen)
-        if args.high_noise_frac > 0:  # layout (where the map puts shapes) is decided at high noise
-            hi = torch.rand(b, device=device, generator=gen) < args.high_noise_frac
-            t = torch.where(hi, torch.randint(600, 1000, (b,), device=device, generator=gen), t)
-        noise = torch.randn(x0.shape, device=device, generator=gen)
-        a = acp[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        v = a.sqrt() * noise - (1 - a).sqrt() * x0
+        t, _, xt, v = _noised(x0, acp, gen, args.high_noise_frac)
         with _autocast(device):
             with torch.no_grad():
                 emb = text(cap_ids)[0]

@@ -8,6 +8,8 @@ The serial reference is a `copy.deepcopy` of the pipeline taken before paralleli
 deterministic pixel checker of `paradiff.reference.checker`, on grammar prompts) for serial and method, and the
 method's fidelity to serial: PSNR and SSIM (scikit-image; mean and min over prompts) and max |difference| (0-255).
 LPIPS, FID and CLIP score need downloaded weights and are skipped, with a note saying so.
+With `control_images` (a ControlNet pipeline) every prompt gets its own control map, and each run's adherence also
+reports how well the images follow the maps (`checker.map_adherence`: IoU and centroid distance vs the silhouette).
 Only rank 0 prints or writes files.
 """
 
@@ -107,14 +109,17 @@ def _prompt_list(prompts, num_prompts) -> list[tuple[str, int]]:
     return pairs
 
 
-def _generate(pipe, pairs, *, seed, steps, guidance, height, width, call_kwargs) -> tuple[list, float]:
+def _generate(pipe, pairs, *, seed, steps, guidance, height, width, call_kwargs, controls=None) -> tuple[list, float]:
     import torch
+    from PIL import Image
 
     images = []
     t0 = time.perf_counter()
-    for prompt, s in pairs:
+    for i, (prompt, s) in enumerate(pairs):
         gen = torch.Generator("cpu").manual_seed(int(s) + int(seed))
         kw = dict(num_inference_steps=steps, guidance_scale=guidance, generator=gen, output_type="np")
+        if controls is not None:
+            kw["image"] = Image.fromarray(_to_uint8([controls[i]])[0])
         if height is not None:
             kw["height"] = height
         if width is not None:
@@ -137,26 +142,35 @@ def _from_main_rank(images: list, device) -> list:
     return list(stacked.cpu().numpy())
 
 
-def _adherence(pairs, images):
-    """Checker results per prompt (None for prompts outside the shapes grammar) and their summary."""
-    from paradiff.reference.checker import attribute_accuracy, check
+def _adherence(pairs, images, captions=None, controls=None):
+    """Checker results per prompt (None for prompts outside the shapes grammar), map results per prompt (None
+    without control maps) and their summary. `captions` replace the prompts as what the checker scores against."""
+    from paradiff.reference.checker import attribute_accuracy, check, map_adherence
 
     results, summary_in = [], []
-    for (prompt, _), im in zip(pairs, images):
+    for i, ((prompt, _), im) in enumerate(zip(pairs, images)):
         try:
-            r = check(im, prompt)
+            r = check(im, prompt if captions is None else captions[i])
         except ValueError:
             results.append(None)
             continue
         results.append(r)
         summary_in.append(r)
-    if not summary_in:
-        return results, None
-    return results, {
+    maps = [None] * len(images) if controls is None else [map_adherence(im, c) for im, c in zip(images, controls)]
+    if not summary_in and controls is None:
+        return results, maps, None
+    summary = {} if not summary_in else {
         "adherence": round(sum(r.matched for r in summary_in) / len(summary_in), 4),
         "checked": len(summary_in),
         "attributes": attribute_accuracy(summary_in),
     }
+    if controls is not None:
+        errs = [e for m in maps for e in m.centroid_errors if not math.isinf(e)]
+        summary.update({"map_adherence": round(sum(m.matched for m in maps) / len(maps), 4),
+                        "map_iou": round(sum(m.iou for m in maps) / len(maps), 4),
+                        "map_centroid_error_px": round(sum(errs) / len(errs), 2) if errs else None,
+                        "map_shapes_missed": sum(math.isinf(e) for m in maps for e in m.centroid_errors)})
+    return results, maps, summary
 
 
 def _failed_attrs(r) -> list[str] | None:
@@ -201,20 +215,26 @@ def _match(check_result) -> bool | None:
     return None if check_result is None else bool(check_result.matched)
 
 
-def _rows(pairs, seed, serial_images, method_images) -> tuple[list[dict], dict | None, dict | None]:
+def _rows(pairs, seed, serial_images, method_images, captions=None, controls=None):
     """Per-prompt rows (adherence of each run, fidelity of the method to serial) and each run's adherence summary."""
-    serial_checks, serial_summary = _adherence(pairs, serial_images)
-    method_checks, method_summary = ([None] * len(pairs), None)
+    serial_checks, serial_maps, serial_summary = _adherence(pairs, serial_images, captions, controls)
+    method_checks, method_maps, method_summary = ([None] * len(pairs), [None] * len(pairs), None)
     if method_images is not None:
-        method_checks, method_summary = _adherence(pairs, method_images)
+        method_checks, method_maps, method_summary = _adherence(pairs, method_images, captions, controls)
     rows = []
     for i, (prompt, s) in enumerate(pairs):
         row = {"prompt": prompt, "seed": s + seed, "serial_match": _match(serial_checks[i]),
                "serial_failed": _failed_attrs(serial_checks[i])}
+        if captions is not None:
+            row["checked_caption"] = captions[i]
+        if controls is not None:
+            row["serial_map_match"], row["serial_map_iou"] = serial_maps[i].matched, serial_maps[i].iou
         if method_images is not None:
             row.update(compare_images(serial_images[i], method_images[i]))
             row["method_match"] = _match(method_checks[i])
             row["method_failed"] = _failed_attrs(method_checks[i])
+            if controls is not None:
+                row["method_map_match"], row["method_map_iou"] = method_maps[i].matched, method_maps[i].iou
         rows.append(row)
     return rows, serial_summary, method_summary
 
@@ -244,7 +264,7 @@ def _notes(rows: list[dict], vs_serial: dict | None, serial_summary: dict | None
             notes.append("SSIM skipped: scikit-image is not installed (pip install scikit-image).")
         if 0 < vs_serial["identical_images"] < len(rows):
             notes.append("psnr_mean averages the non-identical images; identical ones are counted separately.")
-    if serial_summary is None:
+    if not serial_summary or "adherence" not in serial_summary:
         notes.append("prompt adherence skipped: no prompt follows the shapes grammar of the reference checker.")
     return notes
 
@@ -266,6 +286,8 @@ def evaluate(
     width: int | None = None,
     call_kwargs: dict | None = None,
     keep_images: bool = False,
+    control_images: Sequence | None = None,
+    check_captions: Sequence[str] | None = None,
 ) -> dict:
     """Generate `prompts` (default: the held-out shapes prompts) serially and with `methods`; score both.
 
@@ -273,26 +295,36 @@ def evaluate(
     Each prompt i uses a CPU generator seeded with its own seed + `seed`, identical for serial and method.
     `steps`/`guidance` default to 25 and `DEFAULT_GUIDANCE` (4 and 1.0 for LCM pipelines). Returns a JSON-ready dict with
     `serial` and `method` adherence, `vs_serial` (PSNR/SSIM mean and min, max abs diff), per-prompt `rows`.
+    `control_images` (one per prompt, passed as `image=`; `paradiff.reference.data.control_heldout_set` gives the
+    held-out maps) add map adherence; `check_captions` are what the checker scores against when the prompts withhold
+    something (the position-free ControlNet protocol).
     """
     if getattr(pipe, "_paradiff_methods", None):
         raise ValueError("evaluate() needs the pipeline before parallelize(): it keeps a serial copy to compare.")
     pairs = _prompt_list(prompts, num_prompts)
+    for name, per_prompt in (("control_images", control_images), ("check_captions", check_captions)):
+        if per_prompt is not None and len(per_prompt) < len(pairs):
+            raise ValueError(f"{name} has {len(per_prompt)} entries for {len(pairs)} prompts")
+    controls = None if control_images is None else list(control_images)[:len(pairs)]
+    captions = None if check_captions is None else list(check_captions)[:len(pairs)]
     steps = default_steps(pipe) if steps is None else int(steps)
     guidance = default_guidance(pipe) if guidance is None else float(guidance)
     methods = list(methods)
-    gen_kw = dict(seed=seed, steps=steps, guidance=guidance, height=height, width=width, call_kwargs=call_kwargs)
+    gen_kw = dict(seed=seed, steps=steps, guidance=guidance, height=height, width=width, call_kwargs=call_kwargs,
+                  controls=controls)
     if methods:
         serial_images, serial_s, method_images, method_s, world = _serial_and_method(pipe, methods, pairs, gen_kw)
     else:
         _quiet(pipe)
         serial_images, serial_s = _generate(pipe, pairs, **gen_kw)
         method_images, method_s, world = None, None, 1
-    rows, serial_summary, method_summary = _rows(pairs, seed, serial_images, method_images)
+    rows, serial_summary, method_summary = _rows(pairs, seed, serial_images, method_images, captions, controls)
     vs_serial = None if method_images is None else _vs_serial(rows)
     result = {
         "config": {"model": _model_name(pipe), "pipeline": type(pipe).__name__, "methods": [repr(m) for m in methods],
                    "world_size": world, "prompts": len(pairs), "steps": steps, "guidance": guidance, "seed": seed,
-                   "height": height, "width": width},
+                   "height": height, "width": width, "control_maps": controls is not None,
+                   "controlnet": _model_name(getattr(pipe, "controlnet", None))},
         "serial": serial_summary,
         "method": method_summary,
         "vs_serial": vs_serial,
@@ -316,19 +348,26 @@ def _fmt(v, nd=2):
 def format_report(result: dict, max_rows: int = 0) -> str:
     """A markdown summary table (plus, with max_rows, the first per-prompt rows)."""
     c = result["config"]
+    maps = c.get("control_maps")
     lines = [f"model: {c['model']}  methods: {', '.join(c['methods']) or 'none (serial only)'}  ranks: "
-             f"{c['world_size']}  prompts: {c['prompts']}  steps: {c['steps']}  guidance: {c['guidance']}", "",
-             "| run | adherence | PSNR mean (dB) | PSNR min (dB) | SSIM mean | SSIM min | max abs diff | seconds |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"{c['world_size']}  prompts: {c['prompts']}  steps: {c['steps']}  guidance: {c['guidance']}"
+             + (f"  controlnet: {c['controlnet']}" if maps else ""), "",
+             "| run | adherence | " + ("map adherence | map IoU | " if maps else "")
+             + "PSNR mean (dB) | PSNR min (dB) | SSIM mean | SSIM min | max abs diff | seconds |", "| --- " * (10 if maps else 8) + "|"]
     s, m, v = result["serial"], result["method"], result["vs_serial"]
-    lines.append(f"| serial | {_fmt(s and s['adherence'], 3)} | - | - | - | - | - | {_fmt(result['seconds']['serial'])} |")
+
+    def adh(r):
+        keys = ("adherence", "map_adherence", "map_iou") if maps else ("adherence",)
+        return " | ".join(_fmt(r and r.get(k), 3) for k in keys)
+
+    lines.append(f"| serial | {adh(s)} | - | - | - | - | - | {_fmt(result['seconds']['serial'])} |")
     if v is not None:
-        lines.append(f"| method | {_fmt(m and m['adherence'], 3)} | {_fmt(v['psnr_mean'])} | {_fmt(v['psnr_min'])} | "
+        lines.append(f"| method | {adh(m)} | {_fmt(v['psnr_mean'])} | {_fmt(v['psnr_min'])} | "
                      f"{_fmt(v['ssim_mean'], 4)} | {_fmt(v['ssim_min'], 4)} | {v['max_abs_diff']} | "
                      f"{_fmt(result['seconds']['method'])} |")
-    if s is not None:
+    if s and "attributes" in s:
         lines += ["", "serial per-attribute accuracy: " + ", ".join(f"{k} {x:.3f}" for k, x in s["attributes"].items())]
-    if m is not None:
+    if m and "attributes" in m:
         lines += ["method per-attribute accuracy: " + ", ".join(f"{k} {x:.3f}" for k, x in m["attributes"].items())]
     if max_rows:
         lines += ["", "| prompt | serial ok | method ok | PSNR | SSIM | max diff |", "| --- | --- | --- | --- | --- | --- |"]

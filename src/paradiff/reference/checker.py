@@ -61,6 +61,8 @@ class Analysis:
     gradient: bool
     background_rgb: tuple[int, int, int]
     shapes: list[DetectedShape] = field(default_factory=list)
+    # foreground pixels (HxW bool) of the kept components: what map_adherence compares with a control map
+    foreground: np.ndarray | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -165,11 +167,13 @@ def analyze(image) -> Analysis:
         background_rgb=tuple(int(round(v)) for v in np.clip(top, 0, 255)),
     )
     labels = _label(mask)
+    analysis.foreground = np.zeros((h, w), bool)
     for k in range(1, labels.max() + 1):
         comp = labels == k
         area = int(comp.sum())
         if area < MIN_AREA:
             continue
+        analysis.foreground |= comp
         py, px = np.nonzero(comp)
         cx, cy = px.mean() + 0.5, py.mean() + 0.5
         rmax = float(np.sqrt((px + 0.5 - cx) ** 2 + (py + 0.5 - cy) ** 2).max()) + 0.5
@@ -256,3 +260,57 @@ def attribute_accuracy(results: list[CheckResult]) -> dict:
     out = {k: round(tot[k] / n, 4) for k in ("count", "background", "gradient")}
     out.update({a: round(tot[a] / max(1, nshape), 4) for a in ATTRS})
     return out
+
+
+# ------------------------------------------------------------------------------------------------ control maps
+
+MAP_THRESHOLD = 127       # a control map pixel (0-255) above this is inside a shape
+MAP_IOU_MIN = 0.5         # a map match needs this IoU of generated foreground vs silhouette ...
+MAP_CENTROID_MAX = 6.0    # ... and every map shape's nearest detected centroid within this many pixels
+
+
+@dataclass
+class MapResult:
+    matched: bool
+    iou: float
+    centroid_errors: list[float]   # per map shape (inf when nothing was detected), best assignment
+    count: bool                    # as many shapes detected as the map holds
+    analysis: Analysis
+
+
+def _map_components(control) -> list[tuple[float, float]]:
+    """Centroids of the silhouette's shapes (shapes never touch in the grammar's scenes)."""
+    a = _to_uint8_128(control).max(-1) > MAP_THRESHOLD
+    labels = _label(a)
+    out = []
+    for k in range(1, labels.max() + 1):
+        py, px = np.nonzero(labels == k)
+        if len(px) >= MIN_AREA:
+            out.append((float(px.mean()) + 0.5, float(py.mean()) + 0.5))
+    return out
+
+
+def map_adherence(image, control) -> MapResult:
+    """Does the image follow the control map (position and shape)? IoU of the checker's foreground with the map's
+    silhouette, plus each map shape's distance to the nearest detected shape; from pixels alone, like `check`.
+
+    `control`: the silhouette the ControlNet was given (white shapes on black; uint8 or float, any channels equal).
+    """
+    analysis = analyze(image)
+    sil = _to_uint8_128(control).max(-1) > MAP_THRESHOLD
+    fg = analysis.foreground
+    union = int((fg | sil).sum())
+    iou = 1.0 if union == 0 else float((fg & sil).sum()) / union
+    want = _map_components(control)
+    got = [d.centroid for d in analysis.shapes]
+    errors = [math.inf] * len(want)
+    best = math.inf
+    for perm in itertools.permutations(range(len(got)), min(len(want), len(got))):
+        errs = [math.hypot(want[i][0] - got[j][0], want[i][1] - got[j][1]) for i, j in enumerate(perm)]
+        errs += [math.inf] * (len(want) - len(errs))
+        if sum(min(e, 1e6) for e in errs) < best:
+            best, errors = sum(min(e, 1e6) for e in errs), errs
+    count = len(got) == len(want)
+    matched = count and iou >= MAP_IOU_MIN and all(e <= MAP_CENTROID_MAX for e in errors)
+    return MapResult(matched=bool(matched), iou=round(iou, 4), centroid_errors=[round(e, 2) for e in errors],
+                     count=count, analysis=analysis)

@@ -86,10 +86,15 @@ def _shape_phrase(s: Shape) -> str:
     return f"a {s.size} {s.color} {s.kind} {POSITION_PHRASES[s.position]}"
 
 
-def caption(scene: Scene) -> str:
-    """Caption grammar: '<shape phrase>[ and <shape phrase>], <colour> [gradient ]background'."""
+def caption(scene: Scene, positions: bool = True) -> str:
+    """Caption grammar: '<shape phrase>[ and <shape phrase>], <colour> [gradient ]background'.
+
+    `positions=False` withholds the position phrases ('a small red circle, blue background'): the ControlNet's
+    captions, so that where a shape goes can only come from the control map.
+    """
     bg = f"{scene.background} gradient background" if scene.gradient else f"{scene.background} background"
-    return " and ".join(_shape_phrase(s) for s in scene.shapes) + ", " + bg
+    phrase = _shape_phrase if positions else (lambda s: f"a {s.size} {s.color} {s.kind}")
+    return " and ".join(phrase(s) for s in scene.shapes) + ", " + bg
 
 
 _PHRASE_TO_POS = {v: k for k, v in POSITION_PHRASES.items()}
@@ -256,38 +261,79 @@ def _sdf(torch, kind, x, y, r):
     )
 
 
-def render(scenes: list[Scene], device="cpu", size: int = IMAGE_SIZE):
-    """Render scenes to a float tensor (B,3,H,W) in [0,1], anti-aliased. Works on CPU and GPU."""
+def _coverages(scenes: list[Scene], device, size: int):
+    """Anti-aliased coverage in [0,1] of each of the two shape slots, (B,1,H,W) each; and the pixel coordinates."""
     import torch
 
-    bg, grad, sp = _scene_arrays(scenes)
-    bg = torch.from_numpy(bg).to(device)[:, :, None, None] / 255.0
-    grad = torch.from_numpy(grad).to(device)[:, None, None, None]
+    _, _, sp = _scene_arrays(scenes)
     sp = torch.from_numpy(sp).to(device)
     s = size / IMAGE_SIZE
     coords = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) / s
     yy = coords.view(1, 1, size, 1)
     xx = coords.view(1, 1, 1, size)
-    # background: vertical gradient from the colour (top) towards mid gray (bottom) when gradient is set
-    t = (coords.view(1, 1, size, 1) / IMAGE_SIZE) * GRADIENT_MIX * grad
-    img = bg * (1 - t) + 0.5 * t
-    img = img.expand(-1, 3, size, size).clone()
+    covs = []
     for j in range(2):
         p = sp[:, j]
         present = p[:, 0].view(-1, 1, 1, 1)
         kind = p[:, 1].view(-1, 1, 1, 1)
         cx, cy, r, ang = (p[:, k].view(-1, 1, 1, 1) for k in (2, 3, 4, 5))
-        color = p[:, 6:9].view(-1, 3, 1, 1) / 255.0
         dx, dy = xx - cx, -(yy - cy)  # y up
         ca, sa = torch.cos(ang), torch.sin(ang)
         rx, ry = ca * dx + sa * dy, -sa * dx + ca * dy
         d = _sdf(torch, kind, rx, ry, r) * s
-        cov = torch.clamp(0.5 - d, 0.0, 1.0) * present
+        covs.append(torch.clamp(0.5 - d, 0.0, 1.0) * present)
+    return covs, sp, coords
+
+
+def render(scenes: list[Scene], device="cpu", size: int = IMAGE_SIZE):
+    """Render scenes to a float tensor (B,3,H,W) in [0,1], anti-aliased. Works on CPU and GPU."""
+    import torch
+
+    bg, grad, _ = _scene_arrays(scenes)
+    bg = torch.from_numpy(bg).to(device)[:, :, None, None] / 255.0
+    grad = torch.from_numpy(grad).to(device)[:, None, None, None]
+    covs, sp, coords = _coverages(scenes, device, size)
+    # background: vertical gradient from the colour (top) towards mid gray (bottom) when gradient is set
+    t = (coords.view(1, 1, size, 1) / IMAGE_SIZE) * GRADIENT_MIX * grad
+    img = bg * (1 - t) + 0.5 * t
+    img = img.expand(-1, 3, size, size).clone()
+    for j, cov in enumerate(covs):
+        color = sp[:, j, 6:9].view(-1, 3, 1, 1) / 255.0
         img = img * (1 - cov) + color * cov
     return img.clamp(0, 1)
 
 
-def render_numpy(scenes: list[Scene]) -> np.ndarray:
-    """Render on CPU to uint8 (B,H,W,3)."""
-    x = render(scenes, "cpu")
+def render_silhouette(scenes: list[Scene], device="cpu", size: int = IMAGE_SIZE):
+    """The scenes' shape silhouettes (B,3,H,W) in [0,1]: white shapes on black, the same anti-aliased outlines as
+    `render`; the reference ControlNet's condition (3 equal channels, as diffusers' control image processor
+    gives)."""
+    import torch
+
+    covs, _, _ = _coverages(scenes, device, size)
+    return torch.maximum(covs[0], covs[1]).expand(-1, 3, size, size).contiguous()
+
+
+def render_numpy(scenes: list[Scene], silhouette: bool = False) -> np.ndarray:
+    """Render on CPU to uint8 (B,H,W,3): the images, or with `silhouette` the control maps."""
+    x = (render_silhouette if silhouette else render)(scenes, "cpu")
     return (x.permute(0, 2, 3, 1).numpy() * 255.0 + 0.5).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class ControlCase:
+    """One held-out ControlNet case: the prompt given to the pipeline, its seed, the full caption the checker scores
+    against, and the control map (uint8 HxWx3 silhouette of the same scene)."""
+
+    prompt: str
+    seed: int
+    caption: str
+    control: np.ndarray = field(repr=False, compare=False)
+
+
+def control_heldout_set(n: int = 64, positions: bool = False) -> list[ControlCase]:
+    """The held-out scenes as ControlNet cases. With `positions=False` (the default protocol) the prompt withholds
+    the position phrases, so a shape that lands where the caption says can only have been placed by the map."""
+    pairs = heldout_set(n)
+    scenes = [parse_caption(c) for c, _ in pairs]
+    maps = render_numpy(scenes, silhouette=True)
+    return [ControlCase(caption(s, positions=positions), seed, c, m) for (c, seed), s, m in zip(pairs, scenes, maps)]

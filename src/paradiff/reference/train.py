@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import build
-from .data import SceneSampler, caption, heldout_set, parse_caption, render
+from .data import IMAGE_SIZE, SceneSampler, caption, heldout_set, parse_caption, render, render_silhouette
 
 
 # ------------------------------------------------------------------------------------------------ utilities
@@ -376,6 +376,19 @@ def _noise_schedule(device):
     return sched, sched.alphas_cumprod.to(device)
 
 
+def _noised(x0, acp, gen, high_noise_frac):
+    """Random timesteps (`high_noise_frac` of them from [600, 1000): layout, where shapes go, is decided at high
+    noise, so oversample it), and for them alpha-bar, the noised latents and the v-prediction target."""
+    b, device = x0.shape[0], x0.device
+    t = torch.randint(0, 1000, (b,), device=device, generator=gen)
+    if high_noise_frac > 0:
+        hi = torch.rand(b, device=device, generator=gen) < high_noise_frac
+        t = torch.where(hi, torch.randint(600, 1000, (b,), device=device, generator=gen), t)
+    noise = torch.randn(x0.shape, device=device, generator=gen)
+    a = acp[t].view(-1, 1, 1, 1)
+    return t, a, a.sqrt() * x0 + (1 - a).sqrt() * noise, a.sqrt() * noise - (1 - a).sqrt() * x0
+
+
 def _encode_latents(vae, scenes, device):
     with torch.no_grad(), _autocast(device):
         x = render(scenes, device) * 2 - 1
@@ -459,15 +472,7 @@ def train_unet(args, device):
         x0 = cache_lat[idx].float()
         drop = torch.rand(args.batch, 1, device=device, generator=gen) < 0.1  # caption dropout, for CFG
         ids = torch.where(drop, empty_ids, cache_ids[idx])
-        b = x0.shape[0]
-        t = torch.randint(0, 1000, (b,), device=device, generator=gen)
-        if args.high_noise_frac > 0:  # layout (where shapes go) is decided at high noise: oversample it
-            hi = torch.rand(b, device=device, generator=gen) < args.high_noise_frac
-            t = torch.where(hi, torch.randint(600, 1000, (b,), device=device, generator=gen), t)
-        noise = torch.randn(x0.shape, device=device, generator=gen)
-        a = acp[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        v = a.sqrt() * noise - (1 - a).sqrt() * x0
+        t, a, xt, v = _noised(x0, acp, gen, args.high_noise_frac)
         with _autocast(device):
             emb = text(ids)[0]
             try:
@@ -611,6 +616,148 @@ def train_fast(args, device):
     return metrics
 
 
+# ------------------------------------------------------------------------------------------------ ControlNet stage
+
+# the condition embedding downsamples twice (stride-2 convs): 128x128 silhouettes -> the 32x32 latents (diffusers'
+# default has three, for SD's 8x VAE)
+CONTROLNET_EMBEDDING_CHANNELS = (16, 32, 64)
+
+
+@torch.no_grad()
+def _control_cache(vae, tok, n, seed, device, chunk=1024):
+    """Pre-encode n training scenes: latents, token ids of the full and of the position-free caption, silhouettes.
+
+    Silhouettes are kept as one uint8 channel (16 KiB a scene); the latents as in the unet stage's cache.
+    """
+    sampler = SceneSampler(seed)
+    lat = torch.empty((n, 4, 32, 32), dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+                      device=device)
+    ids = torch.empty((2, n, tok.model_max_length), dtype=torch.long, device=device)
+    sil = torch.empty((n, 1, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8, device=device)
+    for i in tqdm(range(0, n, chunk), desc="control cache", mininterval=5):
+        scenes = sampler.batch(min(chunk, n - i))
+        for k, positions in enumerate((True, False)):
+            caps = [caption(s, positions=positions) for s in scenes]
+            ids[k, i:i + len(scenes)] = tok(caps, padding="max_length", max_length=tok.model_max_length,
+                                            truncation=True, return_tensors="pt").input_ids.to(device)
+        lat[i:i + len(scenes)] = _encode_latents(vae, scenes, device).to(lat.dtype)
+        sil[i:i + len(scenes)] = (render_silhouette(scenes, device)[:, :1] * 255 + 0.5).to(torch.uint8)
+    return lat, ids, sil
+
+
+def train_controlnet(args, device):
+    """Train a ControlNet on the shape silhouette for the frozen reference pipeline (`--base`, default the shipped
+    model); only the ControlNet learns. Captions are 10% empty (CFG), `--nopos-frac` position-free and the rest
+    full, so the map alone must place the shapes. Writes OUT/shapes-controlnet (diffusers ControlNetModel, fp32)."""
+    from diffusers import ControlNetModel, StableDiffusionPipeline
+
+    from paradiff.reference import DEFAULT_MODEL
+
+    base = args.base or DEFAULT_MODEL
+    pipe = StableDiffusionPipeline.from_pretrained(base, torch_dtype=torch.float32).to(device)
+    tok, text, vae, unet = pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet
+    for m in (text, vae, unet):
+        m.eval().requires_grad_(False)
+    torch.manual_seed(args.seed)
+    cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=CONTROLNET_EMBEDDING_CHANNELS)
+    cn.to(device).train()
+    opt = torch.optim.AdamW(cn.parameters(), lr=args.controlnet_lr, weight_decay=0.01, betas=(0.9, 0.99))
+    ema = EMA(cn, args.controlnet_ema)
+    _, acp = _noise_schedule(device)
+    t0 = time.time()
+    lat, ids, sil = _control_cache(vae, tok, args.cache, args.seed + 66, device)
+    cache_s = time.time() - t0
+    empty_ids = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+    empty_ids = empty_ids.to(device)
+    gen = torch.Generator(device).manual_seed(args.seed + 67)
+    steps, b = args.controlnet_steps, args.controlnet_batch
+    t_start, done, losses = time.time(), 0, []
+    bar = tqdm(range(steps), desc="controlnet", mininterval=5)
+    for step in _scheduled_steps(bar, steps, args.controlnet_minutes, opt, args.controlnet_lr,
+                                 min(100, steps // 10 + 1)):
+        idx = torch.randint(0, lat.shape[0], (b,), device=device, generator=gen)
+        x0 = lat[idx].float()
+        cond = (sil[idx].float() / 255).expand(-1, 3, -1, -1)
+        u = torch.rand(b, 1, device=device, generator=gen)
+        cap_ids = torch.where(u < 0.1, empty_ids, torch.where(u < 0.1 + args.nopos_frac, ids[1, idx], ids[0, idx]))
+        t, _, xt, v = _noised(x0, acp, gen, args.high_noise_frac)
+        with _autocast(device):
+            with torch.no_grad():
+                emb = text(cap_ids)[0]
+            down, mid = cn(xt, t, emb, controlnet_cond=cond, return_dict=False)
+            pred = unet(xt, t, emb, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+        loss = F.mse_loss(pred.float(), v)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(cn.parameters(), 1.0)
+        opt.step()
+        done += 1
+        ema.update(cn, step)
+        if step % 50 == 0:
+            losses.append(round(loss.item(), 5))
+        if step % 200 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    train_s = time.time() - t_start
+    del lat, ids, sil
+    ema.copy_to(cn)
+    cn.eval()
+    dst = os.path.join(args.out, "shapes-controlnet")
+    cn.to("cpu").save_pretrained(dst, safe_serialization=True)  # fp32: 3.1M parameters, 12 MB
+    metrics = {"steps": done, "batch": b, "final_loss": round(float(loss.item()), 5),
+               "train_seconds": round(train_s, 1), "steps_per_second": round(done / max(train_s, 1e-9), 2),
+               "cache_scenes": args.cache, "cache_seconds": round(cache_s, 1), "loss_every_50": losses}
+    if not args.no_eval:
+        metrics.update(_eval_controlnet(pipe, dst, device, args))
+    dt = time.time() - t0
+    print("controlnet done", {k: v for k, v in metrics.items() if k != "loss_every_50"}, f"{dt:.0f}s")
+    _record(dst, "controlnet", args, device, dt, metrics, extra={"base": os.path.relpath(base, args.out)
+                                                                 if base != DEFAULT_MODEL else "DEFAULT_MODEL"})
+    return metrics
+
+
+@torch.no_grad()
+def _eval_controlnet(pipe, folder, device, args) -> dict:
+    """Held-out adherence of base + ControlNet, for position-free and full captions (`control_heldout_set`): the
+    checker against the scene's full caption, and the map metrics (`checker.map_adherence`). The base model alone
+    on the position-free captions is the floor (`*_nopos_base`): where it puts shapes is chance."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    from .checker import check, map_adherence
+    from .data import control_heldout_set
+
+    cn = ControlNetModel.from_pretrained(folder, torch_dtype=torch.float32).to(device)
+    cpipe = StableDiffusionControlNetPipeline(
+        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet, controlnet=cn,
+        scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    for p in (pipe, cpipe):
+        p.set_progress_bar_config(disable=True)
+    steps = 2 if args.smoke else 25
+    out = {}
+    for key, positions, control in (("nopos", False, True), ("full", True, True), ("nopos_base", False, False)):
+        cases = control_heldout_set(args.eval_prompts, positions=positions)
+        ok = map_ok = 0
+        ious = []
+        for i in range(0, len(cases), 64):
+            chunk = cases[i:i + 64]
+            kw = dict(num_inference_steps=steps, guidance_scale=args.eval_guidance[0], output_type="np",
+                      generator=[torch.Generator("cpu").manual_seed(c.seed) for c in chunk])
+            if control:
+                kw["image"] = torch.stack([torch.from_numpy(c.control).permute(2, 0, 1).float() / 255 for c in chunk])
+            imgs = (cpipe if control else pipe)([c.prompt for c in chunk], **kw).images
+            for c, im in zip(chunk, imgs):
+                im = (im * 255 + 0.5).clip(0, 255).astype("uint8")
+                ok += check(im, c.caption).matched
+                m = map_adherence(im, c.control)
+                map_ok += m.matched
+                ious.append(m.iou)
+        out[f"adherence_{key}"] = round(ok / len(cases), 4)
+        out[f"map_adherence_{key}"] = round(map_ok / len(cases), 4)
+        out[f"map_iou_{key}"] = round(sum(ious) / len(ious), 4)
+        print(folder, key, out[f"adherence_{key}"], out[f"map_adherence_{key}"], out[f"map_iou_{key}"])
+    out["eval_steps"], out["eval_guidance"] = steps, args.eval_guidance[0]
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ evaluation
 
 @torch.no_grad()
@@ -647,7 +794,7 @@ def _eval_folder(folder, device, args, fast):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", choices=["vae", "decoder", "unet", "fast", "all"], required=True)
+    p.add_argument("--stage", choices=["vae", "decoder", "unet", "fast", "controlnet", "all"], required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="tiny step counts on the CPU, for tests")
@@ -675,11 +822,20 @@ def parse_args(argv=None):
     p.add_argument("--teacher-batch", type=int, default=512)
     p.add_argument("--teacher-steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=3.0, help="CFG scale baked into the fast model")
+    p.add_argument("--controlnet-steps", type=int, default=4000)
+    p.add_argument("--controlnet-batch", type=int, default=256)
+    p.add_argument("--controlnet-lr", type=float, default=2e-4)
+    p.add_argument("--controlnet-ema", type=float, default=0.995,
+                   help="EMA decay of the ControlNet (short: a ControlNet's zero convolutions start learning late)")
+    p.add_argument("--nopos-frac", type=float, default=0.6,
+                   help="controlnet stage: fraction of captions with the position phrases withheld")
+    p.add_argument("--base", default=None,
+                   help="controlnet stage: the frozen pipeline folder (default: the shipped DEFAULT_MODEL)")
     p.add_argument("--eval-prompts", type=int, default=64)
     p.add_argument("--eval-guidance", type=float, nargs="+", default=[3.0])
     p.add_argument("--no-eval", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (GPU)")
-    for st in ("vae", "decoder", "unet", "fast"):
+    for st in ("vae", "decoder", "unet", "fast", "controlnet"):
         p.add_argument(f"--{st}-minutes", type=float, default=0.0,
                        help=f"wall-time budget of the {st} stage: the LR schedule ends and training stops there")
     args = p.parse_args(argv)
@@ -688,6 +844,7 @@ def parse_args(argv=None):
         args.vae_steps, args.vae_batch, args.unet_steps, args.batch, args.cache = 3, 2, 3, 2, 8
         args.decoder_steps = 2
         args.fast_steps, args.teacher_samples, args.teacher_batch, args.teacher_steps = 2, 4, 2, 2
+        args.controlnet_steps, args.controlnet_batch = 3, 2
         args.eval_prompts, args.no_eval = 1, False
     return args
 
@@ -702,7 +859,8 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     stages = ["vae", "decoder", "unet", "fast"] if args.stage == "all" else [args.stage]
     results = {}
-    run = {"vae": train_vae, "decoder": train_decoder, "unet": train_unet, "fast": train_fast}
+    run = {"vae": train_vae, "decoder": train_decoder, "unet": train_unet, "fast": train_fast,
+           "controlnet": train_controlnet}
     for st in stages:
         results[st] = run[st](args, device)
     print(json.dumps(results, indent=2))

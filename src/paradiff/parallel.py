@@ -57,6 +57,11 @@ class ParallelMethod:
     def check(self, target: "Parallelized") -> None:
         """Called at the first denoiser call of every generation."""
 
+    def apply_controlnet(self, target: "Parallelized") -> None:
+        """Install the method on the pipeline's ControlNet (`target.controlnet`). Called after every method's
+        `apply`, innermost mesh dimension first, so the outer dimension's hook (CFG's batch split) wraps the inner
+        ones on the ControlNet, as it does inside the denoiser's blocks."""
+
 
 class Parallelized:
     """What `parallelize` installed on one pipeline's components, so it can be checked each generation and undone.
@@ -258,6 +263,9 @@ def _install(target: Parallelized, extra: Any = None) -> None:
     try:
         for method in target.methods:
             method.apply(target)
+        if target.controlnet is not None:
+            for method in reversed(target.methods):
+                method.apply_controlnet(target)
         target.register(target.denoiser, GenerationHook(target), GENERATION_HOOK)
         if target.controlnet is not None:
             target.register(target.controlnet, GenerationHook(target, "a ControlNet step"), GENERATION_HOOK)

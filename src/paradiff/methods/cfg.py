@@ -113,9 +113,12 @@ class CFGParallel(ParallelMethod):
             execution.graphs_on(target.device)  # cuda_graph=True without a GPU: say so now
         target.register(target.denoiser,
                         BatchSplitHook(target.denoiser, target.group(self), execution, target.device), HOOK_NAME)
-        if target.controlnet is not None:
-            target.register(target.controlnet, ControlNetSplitHook(target.controlnet, target.group(self), execution,
-                                                                   target.device, target.host), HOOK_NAME)
+        self._execution = execution
+
+    def apply_controlnet(self, target: Parallelized) -> None:
+        target.register(target.controlnet, ControlNetSplitHook(target.controlnet, target.group(self),
+                                                               self._execution, target.device, target.host),
+                        HOOK_NAME)
 
     def __repr__(self) -> str:
         return f"CFGParallel(compile={self.execution.compile!r}, cuda_graph={self.execution.cuda_graph!r})"

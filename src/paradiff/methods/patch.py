@@ -92,9 +92,7 @@ class PatchParallel(ParallelMethod):
         self.execution.graphs_on(target.device)  # cuda_graph=True without a GPU: say so now
         self.hook = PatchHook(unet, target, target.group(self), self)
         target.register(unet, self.hook, HOOK_NAME)
-        if target.controlnet is not None:  # its residuals stay rows of this rank's patch, for this rank's UNet
-            target.register(target.controlnet, ControlNetPatchHook(target.controlnet, target, target.group(self),
-                                                                   self), HOOK_NAME)
+
         if self.vae:
             from paradiff.methods import vae as vae_method
 
@@ -104,6 +102,11 @@ class PatchParallel(ParallelMethod):
                                 "pipeline VAE (parallelize_module, apply_to_unet): use paradiff.parallelize_vae(vae).")
             vae_method.install(pipe_vae, target.group(self),
                                lambda module, hook, name: target.register(module, hook, vae_method.HOOK_NAME))
+
+    def apply_controlnet(self, target: Parallelized) -> None:
+        """The ControlNet's residuals stay the rows of this rank's patch, for this rank's UNet patch."""
+        self.controlnet_hook = ControlNetPatchHook(target.controlnet, target, target.group(self), self)
+        target.register(target.controlnet, self.controlnet_hook, HOOK_NAME)
 
     def check(self, target: Parallelized) -> None:
         if self.mode != "displaced":

@@ -316,3 +316,43 @@ def test_generate_with_controlnets(folders):
         assert Image.open(folders / f"{name}.png").size == (32, 32)
     one, patch = (np.asarray(Image.open(folders / f"{n}.png"), np.int16) for n in ("one", "patch"))
     assert np.abs(one - patch).max() <= 1
+
+
+# -- shipped configs: parameter counts, the async split, the benchmark step ---------------------------------------
+@pytest.mark.parametrize("arch, count, pipeline", [
+    ("sd15-controlnet", 361_279_120, "StableDiffusionControlNetPipeline"),
+    ("sdxl-controlnet", 1_251_014_160, "StableDiffusionXLControlNetPipeline"),  # = ControlNetModel.from_unet(SDXL)
+])
+def test_shipped_controlnet_configs(arch, count, pipeline):
+    """The ControlNet's parameters on the meta device; the whole pipeline builds; the async split with the
+    ControlNet in it is balanced."""
+    from paradiff import archs
+    from paradiff.methods.split import split
+
+    assert archs.parameter_count(arch, "controlnet") == count
+    assert type(archs.build_pipeline(arch, device="meta")).__name__ == pipeline
+    unet, net = archs.build_model(arch, device="meta"), archs.build_controlnet(arch, device="meta")
+    # over 4, SDXL's ControlNet (a third of the work, one unit) is a component alone and the bottleneck
+    for n in (2, 4) if arch == "sd15-controlnet" else (2,):
+        plan = split(unet, n, net)
+        assert plan.balance <= 1.3 and plan.controlnet_unit is not None, (arch, n, plan.balance)
+    assert archs.build_controlnet("sd15", device="meta") is None
+
+
+def test_bench_step_includes_the_controlnet():
+    """`bench --what step` on a ControlNet model times the ControlNet's call and the UNet's, in one module (so
+    the compiled baseline compiles both); the pipeline's step timer spans both calls."""
+    from paradiff import bench
+    from support.models import tiny_controlnet, tiny_unet
+
+    unet, net = tiny_unet("sd-wide"), tiny_controlnet()
+    calls = []
+    net.register_forward_pre_hook(lambda *_: calls.append("controlnet"))
+    unet.register_forward_pre_hook(lambda *_: calls.append("unet"))
+    rows = bench.bench_denoiser(unet, batch=2, height=128, width=128, dtype=torch.float32, device=torch.device("cpu"),
+                                variants=("eager",), runs=2, warmup=0, controlnet=net)
+    assert [r.what for r in rows] == ["step"] and calls == ["controlnet", "unet"] * 2
+    pipe = _build("sd")
+    rows = bench.bench_pipeline(pipe, variant="eager", prompt="x", steps=2, height=32, width=32, guidance=None,
+                                device=torch.device("cpu"), runs=1, warmup=0)
+    assert next(r for r in rows if r.what == "step").runs == 2

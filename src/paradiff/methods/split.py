@@ -113,7 +113,8 @@ def controlnet_configs(net: torch.nn.Module | None) -> str:
 
 
 def controlnet_twin(configs: str) -> torch.nn.Module:
-    """A meta-device copy of a ControlNet from `controlnet_configs` (a MultiControlNetModel of copies for several nets)."""
+    """A meta-device copy of a ControlNet from `controlnet_configs` (a MultiControlNetModel of copies for several
+    nets)."""
     import diffusers
 
     kind, *nets = json.loads(configs)
@@ -240,7 +241,7 @@ def controlnet_inputs(net: torch.nn.Module, inputs: dict) -> dict:
     from paradiff.plans.common import controlnets, embedding_factor
 
     sample = inputs["sample"]
-    images = [torch.empty(sample.shape[0], n.config.conditioning_channels, sample.shape[-2] * embedding_factor(n),
+    images = [torch.zeros(sample.shape[0], n.config.conditioning_channels, sample.shape[-2] * embedding_factor(n),
                           sample.shape[-1] * embedding_factor(n), device=sample.device, dtype=sample.dtype)
               for n in controlnets(net)]
     many = len(images) > 1 or hasattr(net, "nets")

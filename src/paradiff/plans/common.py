@@ -135,6 +135,13 @@ def image_inputs(pipe: Any, height: int, width: int) -> dict:
     from PIL import Image
 
     names = {cls.__name__ for cls in type(pipe).__mro__}
+    net = controlnet_of(pipe)
+    if net is not None:  # a gray control image per ControlNet (and a gray picture to start from, img2img)
+        gray = Image.new("RGB", (width, height), (128, 128, 128))
+        control = [gray] * len(controlnets(net)) if hasattr(net, "nets") else gray
+        if "Img2Img" in type(pipe).__name__:
+            return {"image": gray, "control_image": control}
+        return {"image": control}
     if names & set(UPSCALE_PIPELINES):
         scale = vae_scale_factor(pipe)
         return {"image": Image.new("RGB", (width // scale, height // scale), (128, 128, 128)),

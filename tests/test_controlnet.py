@@ -356,3 +356,23 @@ def test_bench_step_includes_the_controlnet():
     rows = bench.bench_pipeline(pipe, variant="eager", prompt="x", steps=2, height=32, width=32, guidance=None,
                                 device=torch.device("cpu"), runs=1, warmup=0)
     assert next(r for r in rows if r.what == "step").runs == 2
+
+
+def _stride_two(warmup: int) -> tuple:
+    import paradiff
+
+    serial = _call(_build("sd"), "sd")
+    pipe = paradiff.parallelize(_build("sd"), paradiff.AsyncDenoise(stride=2, warmup_steps=warmup))
+    pipe.set_progress_bar_config(disable=True)
+    first, again = _call(pipe, "sd"), _call(pipe, "sd")
+    return _diff(first, serial), _diff(first, again), _tolerance(serial)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_controlnet_under_async_stride_two():
+    """Stride 2 (3 ranks): exact with warm-up over every step; with warm-up 1 it runs, repeats, and differs."""
+    for diff, repeat, tolerance in run_ranks(_stride_two, 3, STEPS, timeout=380):
+        assert diff <= tolerance and repeat == 0.0
+    for diff, repeat, tolerance in run_ranks(_stride_two, 3, 1, timeout=380):
+        assert diff > tolerance and repeat == 0.0

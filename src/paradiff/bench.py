@@ -132,10 +132,31 @@ def denoiser_inputs(model: torch.nn.Module, batch: int, height: int, width: int,
     return (kwargs.pop(first),), kwargs
 
 
+class ControlledStep(torch.nn.Module):
+    """One step of a ControlNet pipeline as one module: the ControlNet, then the UNet with its residuals (so the
+    compiled baseline compiles both, as a user compiling both would)."""
+
+    def __init__(self, unet: torch.nn.Module, controlnet: torch.nn.Module):
+        super().__init__()
+        self.unet, self.controlnet = unet, controlnet
+
+    def forward(self, sample, *, controlnet_cond, return_dict: bool = False, **kwargs):
+        down, mid = self.controlnet(sample, controlnet_cond=controlnet_cond, return_dict=False, **kwargs)
+        return self.unet(sample, down_block_additional_residuals=down, mid_block_additional_residual=mid,
+                         return_dict=return_dict, **kwargs)
+
+
 def bench_denoiser(model: torch.nn.Module, *, batch: int, height: int, width: int, dtype, device, variants,
-                   runs: int, warmup: int, compile_mode: str = "reduce-overhead") -> list[Row]:
-    """Per-step latency of one denoiser call, for each variant in `variants` ("eager", "compiled")."""
+                   runs: int, warmup: int, compile_mode: str = "reduce-overhead",
+                   controlnet: torch.nn.Module | None = None) -> list[Row]:
+    """Per-step latency of one denoiser call (with `controlnet`: the ControlNet's call and the UNet's), for each
+    variant in `variants` ("eager", "compiled")."""
     args, kwargs = denoiser_inputs(model, batch, height, width, dtype=dtype, device=device)
+    if controlnet is not None:
+        from paradiff.methods.split import controlnet_inputs
+
+        kwargs["controlnet_cond"] = controlnet_inputs(controlnet, {"sample": args[0]})["controlnet_cond"]
+        model = ControlledStep(model, controlnet)
     rows = []
     for variant in variants:
         runner = model if variant == "eager" else compile_model(model, compile_mode)
@@ -150,10 +171,12 @@ def bench_denoiser(model: torch.nn.Module, *, batch: int, height: int, width: in
 class StepTimer:
     """Times every denoiser call inside a real pipeline run with forward hooks (CUDA events), i.e. per step."""
 
-    def __init__(self, module: torch.nn.Module, device: torch.device):
+    def __init__(self, module: torch.nn.Module, device: torch.device, first: torch.nn.Module | None = None):
+        """`first`: a module each step calls before `module` (a ControlNet), whose call the step's time includes."""
         self.device = device
         self.pending: list = []
-        self._handles = [module.register_forward_pre_hook(self._pre), module.register_forward_hook(self._post)]
+        self._handles = [(first or module).register_forward_pre_hook(self._pre),
+                         module.register_forward_hook(self._post)]
 
     def _pre(self, *_):
         self.pending.append([clock_mark(self.device), None])
@@ -183,7 +206,7 @@ def bench_pipeline(pipe, *, variant: str, prompt: str, steps: int, height: int, 
     from paradiff.plans.common import image_inputs
 
     denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer")
-    timer = StepTimer(denoiser, device)
+    timer = StepTimer(denoiser, device, getattr(pipe, "controlnet", None))
     kwargs: dict[str, Any] = {"num_inference_steps": steps, "height": height, "width": width, "output_type": "pil"}
     kwargs.update(image_inputs(pipe, height, width))  # inpainting: image + mask; the upscaler: its input image
     kwargs = {key: value for key, value in kwargs.items() if value is not None}

@@ -23,9 +23,10 @@ from paradiff import main_rank, runtime
 from paradiff.comm import all_gather, guarded
 from paradiff.errors import UserError
 from paradiff.execution import Execution, StepClock, Tick
-from paradiff.plans.common import denoiser_of, row_pixels, timestep_of
+from paradiff.plans.common import check_control_images, controlnet_of, denoiser_of, row_pixels, timestep_of
 
 GENERATION_HOOK = "paradiff.generation"
+CONTROLNET_RESIDUALS = ("down_block_additional_residuals", "mid_block_additional_residual")
 
 
 class ParallelMethod:
@@ -56,18 +57,26 @@ class ParallelMethod:
     def check(self, target: "Parallelized") -> None:
         """Called at the first denoiser call of every generation."""
 
+    def apply_controlnet(self, target: "Parallelized") -> None:
+        """Install the method on the pipeline's ControlNet (`target.controlnet`). Called after every method's
+        `apply`, innermost mesh dimension first, so the outer dimension's hook (CFG's batch split) wraps the inner
+        ones on the ControlNet, as it does inside the denoiser's blocks."""
+
 
 class Parallelized:
     """What `parallelize` installed on one pipeline's components, so it can be checked each generation and undone.
 
     Methods register their hooks through `register` (removed by `unparallelize`, last first) and read the
-    current step from `clock`.
+    current step from `clock`. `controlnet`: the pipeline's ControlNet, which it calls once per step before the
+    denoiser; the step clock ticks at whichever of the two a step calls first, so both see the same step.
     """
 
     def __init__(self, denoiser: torch.nn.Module, methods: tuple[ParallelMethod, ...], groups: dict[str, Any],
                  device: torch.device, *, host: Any = None, is_main: bool = True,
-                 row_pixels: tuple[int, str] = (8, "image"), check_inputs: bool = True):
+                 row_pixels: tuple[int, str] = (8, "image"), check_inputs: bool = True,
+                 controlnet: torch.nn.Module | None = None):
         self.denoiser = denoiser
+        self.controlnet = controlnet
         self.methods = methods
         self.groups = groups
         self.device = torch.device(device)
@@ -77,7 +86,8 @@ class Parallelized:
         self.row_pixels = row_pixels  # (pixels per latent row, of which image): for size errors
         self.check_inputs = check_inputs
         self._hooks: list[tuple[torch.nn.Module, str]] = []
-        self._watched: list[tuple[str, torch.nn.Module]] = []
+        self._watched: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
+        self._ahead: Tick | None = None  # the ControlNet's tick, which the denoiser call of its step takes
 
     def group(self, method: ParallelMethod) -> Any:
         return self.groups[method.mesh_dim]
@@ -90,32 +100,48 @@ class Parallelized:
     def tick(self) -> Tick:
         return self.clock.current
 
-    def register(self, module: torch.nn.Module, hook: ModelHook, name: str, watch: str | None = None) -> None:
-        """Register `hook` on `module` (undone by `unparallelize`); `watch` names it in the denoiser, so that a
-        module replaced after parallelize (a LoRA layer, fused projections) is caught before it computes."""
+    def step_tick(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[Tick, bool]:
+        """The tick of this call and whether it starts its step: the ControlNet ticks the clock and leaves the tick
+        to the denoiser call that follows it; a denoiser called alone ticks it itself."""
+        if module is self.controlnet:
+            self._ahead = self.clock.tick(timestep_of(module, args, kwargs))
+            return self._ahead, True
+        if self._ahead is not None:
+            tick, self._ahead = self._ahead, None
+            return tick, False
+        return self.clock.tick(timestep_of(module, args, kwargs)), True
+
+    def register(self, module: torch.nn.Module, hook: ModelHook, name: str, watch: str | None = None,
+                 root: torch.nn.Module | None = None) -> None:
+        """Register `hook` on `module` (undone by `unparallelize`); `watch` names it in `root` (default: the
+        denoiser), so that a module replaced after parallelize (a LoRA layer, fused projections) is caught before
+        it computes."""
         registry = HookRegistry.check_if_exists_or_initialize(module)
         if registry.get_hook(name) is not None:
             raise UserError(f"{name} is already applied to this model; call paradiff.unparallelize(pipe) first.")
         registry.register_hook(hook, name)
         self._hooks.append((module, name))
         if watch is not None:
-            self._watched.append((watch, module))
+            self._watched.append((self.denoiser if root is None else root, watch, module))
 
     def _generation_starts(self) -> None:
-        HookRegistry.check_if_exists_or_initialize(self.denoiser).reset_stateful_hooks(recurse=True)
+        self._ahead = None
+        for model in (self.denoiser, self.controlnet):
+            if model is not None:
+                HookRegistry.check_if_exists_or_initialize(model).reset_stateful_hooks(recurse=True)
 
     def check_model(self) -> None:
         """The modules the plans hooked are still the denoiser's (nothing replaced them after parallelize)."""
-        for name, module in self._watched:
+        for root, name, module in self._watched:
             try:
-                current = self.denoiser.get_submodule(name)
+                current = root.get_submodule(name)
             except AttributeError:
                 current = None
             if current is not module:
                 raise UserError(f"the model was changed after parallelize ({name} was replaced: a LoRA loaded, "
                                 "projections fused?); call paradiff.unparallelize(pipe), change the model, then "
                                 "parallelize it again.")
-        if hasattr(self.denoiser, "_hf_hook"):
+        if any(hasattr(model, "_hf_hook") for model in (self.denoiser, self.controlnet) if model is not None):
             raise UserError("CPU offloading (enable_model_cpu_offload and the like) cannot be combined with paradiff's "
                             "parallel methods; each rank keeps its model on its own GPU.")
 
@@ -126,6 +152,8 @@ class Parallelized:
         self.clock.detach()
         if getattr(self.denoiser, "_paradiff", None) is self:
             del self.denoiser._paradiff
+        if getattr(self.controlnet, "_paradiff", None) is self:
+            del self.controlnet._paradiff
 
 
 def _fingerprint(args: tuple, kwargs: dict, device: torch.device) -> torch.Tensor:
@@ -136,23 +164,29 @@ def _fingerprint(args: tuple, kwargs: dict, device: torch.device) -> torch.Tenso
 
 
 class GenerationHook(ModelHook):
-    """Outermost hook of the denoiser: ticks the clock; at each generation's first call, checks the pipeline state
-    and that every rank got the same inputs; turns a failed collective into one sentence."""
+    """Outermost hook of the denoiser (and of the ControlNet): ticks the clock; at each generation's first call,
+    checks the pipeline state and that every rank got the same inputs; turns a failed collective into one
+    sentence."""
 
-    def __init__(self, target: Parallelized):
+    def __init__(self, target: Parallelized, what: str = "a denoiser step"):
         super().__init__()
-        self.target = target
+        self.target, self.what = target, what
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         target = self.target
-        tick = target.clock.tick(timestep_of(module, args, kwargs))
+        tick, starts = target.step_tick(module, args, kwargs)
         if tick.first:
-            target.check_model()
-            for method in target.methods:
-                method.check(target)
+            if module is target.controlnet:
+                check_control_images(module, args, kwargs)
+            if starts:
+                target.check_model()
+                for method in target.methods:
+                    method.check(target)
             if target.check_inputs:
-                self._check_same_inputs(args, kwargs)
-        with guarded("a denoiser step"):
+                if target.controlnet is not None:  # its residuals are this rank's part (its inputs were checked)
+                    kwargs_seen = {k: v for k, v in kwargs.items() if k not in CONTROLNET_RESIDUALS}
+                self._check_same_inputs(args, kwargs_seen if target.controlnet is not None else kwargs)
+        with guarded(self.what):
             return self.fn_ref.original_forward(*args, **kwargs)
 
     def _check_same_inputs(self, args: tuple, kwargs: dict) -> None:
@@ -215,7 +249,7 @@ def parallelize(pipe: Any, *methods: ParallelMethod, device: str | None = None,
     mesh = runtime.mesh(dims)
     pipe.to(rt.device)
     target = Parallelized(denoiser_of(pipe), methods, {name: mesh.get_group(name) for name in dims}, rt.device,
-                          host=pipe, is_main=rt.is_main, row_pixels=row_pixels(pipe))
+                          host=pipe, is_main=rt.is_main, row_pixels=row_pixels(pipe), controlnet=controlnet_of(pipe))
     _install(target, lambda: main_rank.install(pipe, target) if main_rank_stages else None)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=not rt.is_main)
@@ -223,18 +257,26 @@ def parallelize(pipe: Any, *methods: ParallelMethod, device: str | None = None,
 
 
 def _install(target: Parallelized, extra: Any = None) -> None:
-    if getattr(target.denoiser, "_paradiff", None) is not None:
-        raise UserError("this model is already parallelized; call paradiff.unparallelize first.")
+    for model in (target.denoiser, target.controlnet):
+        if getattr(model, "_paradiff", None) is not None:
+            raise UserError("this model is already parallelized; call paradiff.unparallelize first.")
     try:
         for method in target.methods:
             method.apply(target)
+        if target.controlnet is not None:
+            for method in reversed(target.methods):
+                method.apply_controlnet(target)
         target.register(target.denoiser, GenerationHook(target), GENERATION_HOOK)
+        if target.controlnet is not None:
+            target.register(target.controlnet, GenerationHook(target, "a ControlNet step"), GENERATION_HOOK)
         if extra is not None:
             extra()
     except BaseException:
         target.remove()
         raise
     target.denoiser._paradiff = target
+    if target.controlnet is not None:
+        target.controlnet._paradiff = target
 
 
 class _SchedulerHost:
@@ -249,15 +291,17 @@ class _SchedulerHost:
 
 
 def parallelize_module(model: torch.nn.Module, *methods: ParallelMethod, groups: dict[str, Any],
-                       scheduler: Callable[[], Any] | None = None, device: Any = None) -> Parallelized:
+                       scheduler: Callable[[], Any] | None = None, device: Any = None,
+                       controlnet: torch.nn.Module | None = None) -> Parallelized:
     """Apply `methods` to a bare denoiser over the process groups `groups` (mesh dimension -> group).
 
     `scheduler()` returns the scheduler whose `set_timesteps` starts each generation; without one, the caller
     starts each generation with `.start()` on the result and every denoiser call counts as one step.
+    `controlnet`: the ControlNet whose residuals the caller passes to the denoiser (called before it, each step).
     """
     device = device if device is not None else next(model.parameters()).device
     host = _SchedulerHost(scheduler) if scheduler is not None else None
-    target = Parallelized(model, methods, groups, device, host=host, check_inputs=False)
+    target = Parallelized(model, methods, groups, device, host=host, check_inputs=False, controlnet=controlnet)
     _install(target)
     return target
 

@@ -14,6 +14,9 @@ rank, a torchrun worker, the test process):
     tiny_sdxl_inpaint_pipeline(seed)  StableDiffusionXLInpaintPipeline around tiny_unet("sdxl-inpaint")
     tiny_upscale_pipeline(seed)     StableDiffusionUpscalePipeline around tiny_unet("upscaler") (v-prediction DDIM,
                                     DDPM low-res scheduler, x4 VAE)
+    tiny_controlnet(unet_kind, seed)  ControlNetModel.from_unet(tiny_unet(unet_kind)), a 2x conditioning embedding
+    tiny_controlnet_pipeline(kind, seed)  the ControlNet pipelines around them: "sd", "sd-img2img", "sd-multi" (two
+                                    ControlNets), "sdxl", "sdxl-img2img"
     tiny_stream_pipeline(...)       the stream tests' pipeline: `paradiff.stream.tiny.tiny_pipeline`, which stays in
                                     the package because `paradiff stream --tiny` uses it
     tiny_taesd(seed)                AutoencoderTiny of TAESD's layout
@@ -255,3 +258,57 @@ def tiny_vae(seed: int = 0, *, block_out_channels=(16, 32, 32), latent_channels:
                          latent_channels=latent_channels, layers_per_block=1, norm_num_groups=8,
                          down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
                          sample_size=32).eval()
+
+
+def tiny_controlnet(unet_kind: str = "sd-wide", seed: int = 0):
+    """ControlNetModel.from_unet(tiny_unet(unet_kind)), eval mode. Its conditioning embedding downsamples 2x, as the
+    tiny pipelines' 2-level VAE does (the real ones: 8x and 8x); its zero-initialised layers (the residual
+    projections, the embedding's last conv) get N(0, 0.05) weights, so the residuals reach the UNet."""
+    from diffusers import ControlNetModel
+
+    unet = tiny_unet(unet_kind, seed)
+    torch.manual_seed(seed + 100)
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16))
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.05)
+    return net.eval()
+
+
+CONTROLNET_KINDS = ("sd", "sd-img2img", "sd-multi", "sdxl", "sdxl-img2img")
+
+
+def tiny_controlnet_pipeline(kind: str = "sd", seed: int = 0):
+    """A tiny random ControlNet pipeline: "sd" (StableDiffusionControlNetPipeline, DDIM, the SD UNet of
+    `tiny_sd_inpaint_pipeline` with 4 channels), "sd-img2img", "sd-multi" (two ControlNets: MultiControlNetModel),
+    "sdxl" (StableDiffusionXLControlNetPipeline, Euler, text_time ControlNet), "sdxl-img2img"."""
+    import diffusers
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from paradiff.archs import _tokenizer
+
+    if kind not in CONTROLNET_KINDS:
+        raise ValueError(kind)
+    xl = kind.startswith("sdxl")
+    unet = tiny_unet("sdxl" if xl else "sd-wide", seed)
+    nets = [tiny_controlnet("sdxl" if xl else "sd-wide", seed + i) for i in range(2 if kind == "sd-multi" else 1)]
+    controlnet = nets[0] if len(nets) == 1 else diffusers.MultiControlNetModel(nets)
+    torch.manual_seed(seed)
+    tokenizer = _tokenizer("stable-diffusion-v1-5", "tokenizer")
+    common = dict(vae=_tiny_vae().eval(), tokenizer=tokenizer, unet=unet, controlnet=controlnet)
+    img2img = kind.endswith("img2img")
+    if xl:
+        cls = diffusers.StableDiffusionXLControlNetImg2ImgPipeline if img2img else \
+            diffusers.StableDiffusionXLControlNetPipeline
+        scheduler = diffusers.EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                                     steps_offset=1, timestep_spacing="leading")
+        extra = {"requires_aesthetics_score": False} if img2img else {}
+        return cls(text_encoder=CLIPTextModel(_tiny_clip(16, tokenizer)).eval(),
+                   text_encoder_2=CLIPTextModelWithProjection(_tiny_clip(16, tokenizer, projection_dim=32)).eval(),
+                   tokenizer_2=tokenizer, scheduler=scheduler, **common, **extra)
+    cls = diffusers.StableDiffusionControlNetImg2ImgPipeline if img2img else diffusers.StableDiffusionControlNetPipeline
+    scheduler = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                        clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return cls(text_encoder=CLIPTextModel(_tiny_clip(32, tokenizer)).eval(), scheduler=scheduler, safety_checker=None,
+               feature_extractor=None, requires_safety_checker=False, **common)

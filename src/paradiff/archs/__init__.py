@@ -29,10 +29,13 @@ SHIPPED = (
     "stable-diffusion-inpainting",
     "stable-diffusion-xl-1.0-inpainting-0.1",
     "stable-diffusion-x4-upscaler",
+    "sd-controlnet-canny",
+    "controlnet-union-sdxl-1.0",
 )
 ALIASES = {"sd15": "stable-diffusion-v1-5", "sd21": "stable-diffusion-2-1", "sd21-base": "stable-diffusion-2-1-base",
            "sdxl": "stable-diffusion-xl-base-1.0", "sd15-inpainting": "stable-diffusion-inpainting",
-           "sdxl-inpainting": "stable-diffusion-xl-1.0-inpainting-0.1", "x4-upscaler": "stable-diffusion-x4-upscaler"}
+           "sdxl-inpainting": "stable-diffusion-xl-1.0-inpainting-0.1", "x4-upscaler": "stable-diffusion-x4-upscaler",
+           "sd15-controlnet": "sd-controlnet-canny", "sdxl-controlnet": "controlnet-union-sdxl-1.0"}
 
 
 def resolve(arch: str) -> str:
@@ -134,6 +137,13 @@ def build_model(arch: str, component: str | None = None, *, dtype: Any = None, d
     if dtype is not None:
         model = model.to(dtype)
     return model.eval().requires_grad_(False)
+
+
+def build_controlnet(arch: str, **kwargs: Any):
+    """The ControlNet of `arch` with random weights (`build_model`'s arguments), or None when it has none."""
+    if "controlnet" not in model_index(arch):
+        return None
+    return build_model(arch, "controlnet", **kwargs)
 
 
 def parameter_count(arch: str, component: str | None = None) -> int:

@@ -71,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
     from paradiff import archs, bench, runtime
     from paradiff.parallel import parallelize
     from paradiff.pipelines import torch_dtype
+    from paradiff.plans.common import controlnet_of
 
     rt = runtime.init(args.device)
     dtype = torch_dtype(args.dtype, rt.device)
@@ -86,20 +87,29 @@ def run(args: argparse.Namespace) -> int:
 
         stride = args.stride or 1
         components = max(1, (args.nproc or 2) - (stride - 1))  # the paper's rule: N + stride - 1 ranks
-        model = archs.build_model(arch, device="meta") if arch else load_model(args).unet
-        print(explain_split(model, components))
+        if arch:
+            model, net = archs.build_model(arch, device="meta"), archs.build_controlnet(arch, device="meta")
+        else:
+            pipe = load_model(args)
+            model, net = pipe.unet, controlnet_of(pipe)
+        print(explain_split(model, components, net))
         return 0
 
     rows: list = []
     what = ("step", "e2e") if args.what == "all" else (args.what,)
     if "step" in what and not methods:
-        model = archs.build_model(arch, dtype=dtype, device=rt.device) if arch else \
-            load_model(args, dtype=dtype).unet.to(rt.device)
+        if arch:
+            model = archs.build_model(arch, dtype=dtype, device=rt.device)
+            net = archs.build_controlnet(arch, dtype=dtype, device=rt.device)
+        else:
+            pipe = load_model(args, dtype=dtype)
+            model, net = pipe.unet.to(rt.device), controlnet_of(pipe)
+            net = net.to(rt.device) if net is not None else None
         height, width = args.size or _native_size(model)
         rows += bench.bench_denoiser(model, batch=args.batch, height=height, width=width, dtype=dtype,
                                      device=rt.device, variants=args.variants, runs=args.runs, warmup=args.warmup,
-                                     compile_mode=args.compile_mode)
-        del model
+                                     compile_mode=args.compile_mode, controlnet=net)
+        del model, net
     if "e2e" in what or methods:
         pipe = archs.build_pipeline(arch, dtype=dtype, device=rt.device) if arch else \
             load_model(args, dtype=dtype).to(rt.device)
@@ -109,10 +119,15 @@ def run(args: argparse.Namespace) -> int:
         e2e_runs = max(1, args.runs // 4)
         common = dict(prompt="an astronaut riding a horse", steps=args.steps, height=height, width=width,
                       guidance=args.guidance, device=rt.device, runs=e2e_runs, warmup=max(1, min(args.warmup, 2)))
+        net = controlnet_of(pipe)
         for variant in args.variants:  # every rank measures the single-device baseline on its own device
             pipe.unet = denoiser if variant == "eager" else bench.compile_model(denoiser, args.compile_mode)
+            if net is not None:
+                pipe.controlnet = net if variant == "eager" else bench.compile_model(net, args.compile_mode)
             rows += bench.bench_pipeline(pipe, variant=variant, **common)
         pipe.unet = denoiser
+        if net is not None:
+            pipe.controlnet = net
         torch._dynamo.reset()
         if methods:
             runtime.barrier()

@@ -7,6 +7,7 @@ import time
 
 from paradiff.commands.common import (add_model_args, add_parallel_args, check_before_launch, image_size,
                                       non_negative_int, positive_int)
+from paradiff.commands import control
 from paradiff.errors import UserError
 
 
@@ -27,6 +28,7 @@ def add_parser(sub) -> None:
                    help="input image file (PNG): the picture to inpaint (with --mask) or to upscale (x4 upscaler)")
     p.add_argument("--mask", default=None,
                    help="inpainting mask (PNG, same picture size): white is repainted, black kept")
+    control.add_args(p)  # --controlnet, --control-image (with --image: ControlNet img2img)
     p.add_argument("-o", "--output", default="out.png", help="output image file (written by rank 0)")
     add_parallel_args(p)
     p.set_defaults(run=run, check_before_launch=check_generate_before_launch)
@@ -69,10 +71,11 @@ def image_inputs(args: argparse.Namespace, world: int) -> dict:
         raise UserError("--mask needs --image: the picture whose masked part is repainted.")
     facts = pipeline_facts(args.model)
     cls, name = facts["class_name"], facts["name"]
+    control_kwargs, control_size = control.control_inputs(args, facts, _open_image)
     inpaint, upscale = cls in INPAINT_PIPELINES, cls in UPSCALE_PIPELINES
     if args.mask and not inpaint:
         raise UserError(f"--mask is for inpainting models; {name} is a {cls}.")
-    if args.image and not (inpaint or upscale):
+    if args.image and not (inpaint or upscale or control_size):
         raise UserError(f"--image needs an inpainting model (with --mask) or the x4 upscaler; {name} is a {cls} "
                         "(text to image).")
     if inpaint and not args.mask:
@@ -82,7 +85,7 @@ def image_inputs(args: argparse.Namespace, world: int) -> dict:
     vae, unet = facts["vae"], facts["unet"]
     scale = 2 ** (len(vae["block_out_channels"]) - 1) if vae else 8
     kwargs: dict = {}
-    size = args.size
+    size = control_size or args.size
     if args.image:
         image = _open_image("--image", args.image, "RGB")
         kwargs["image"] = image
@@ -110,7 +113,7 @@ def image_inputs(args: argparse.Namespace, world: int) -> dict:
         message = patch_rows_message(rows, degree, 2 ** (len(unet["down_block_types"]) - 1), row_pixels, image_name)
         if message is not None:
             raise UserError(message)
-    return kwargs
+    return {**kwargs, **control_kwargs}
 
 
 def call_kwargs(args: argparse.Namespace) -> dict:
@@ -153,6 +156,7 @@ def prepare_pipeline(args: argparse.Namespace):
     from paradiff.parallel import parallelize
 
     rt, methods, pipe = load_for_command(args, args.model)
+    pipe = control.controlnet_pipeline(pipe, args, pipe.unet.dtype)
     if methods:
         parallelize(pipe, *methods)
     else:

@@ -35,21 +35,25 @@ def _batch_size(args: tuple, kwargs: dict) -> int | None:
 
 class BatchSplitHook(ModelHook):
     """Runs this rank's 1/`degree` of the batch (compiled and graph-replayed when asked) and all-gathers the
-    outputs along dim 0."""
+    outputs along dim 0 (`gather=False`: keeps this rank's part, for a consumer split the same way)."""
 
-    def __init__(self, module: torch.nn.Module, group: Any, execution: Execution, device: torch.device):
+    def __init__(self, module: torch.nn.Module, group: Any, execution: Execution, device: torch.device,
+                 gather: bool = True):
         super().__init__()
         self.group = group
         self.degree = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        self._warned = False
+        self._warned = not gather  # only the denoiser's hook says that guidance is off
         self._run = None
-        self.execution, self.device = execution, device
+        self.execution, self.device, self.gather = execution, device, gather
+
+    def _whole(self, args: tuple, kwargs: dict) -> bool:
+        return False
 
     def new_forward(self, module, *args, **kwargs):
         batch = _batch_size(args, kwargs)
-        if batch is None or batch % self.degree:
-            if not self._warned:
+        if batch is None or batch % self.degree or self._whole(args, kwargs):
+            if not self._warned and not self._whole(args, kwargs):
                 warnings.warn(f"CFG parallel: a denoiser batch of {batch} does not split over {self.degree} ranks "
                               "(guidance off?); every rank computes the whole batch.", stacklevel=2)
                 self._warned = True
@@ -59,14 +63,30 @@ class BatchSplitHook(ModelHook):
         def take(x):
             if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == batch:
                 return x.narrow(0, self.rank * part, part)
-            return x
+            return x  # also a ControlNet's residuals that are this rank's part already
 
         if self._run is None:
             fn = self.execution.compiled(self.fn_ref.original_forward)
             self._run = self.execution.runner(fn, self.device, name="CFG parallel")
         output = self._run(*pytree.tree_map(take, args), **pytree.tree_map(take, kwargs))
+        if not self.gather:
+            return output
         return pytree.tree_map(
             lambda x: all_gather(x, 0, self.group) if isinstance(x, torch.Tensor) and x.dim() > 0 else x, output)
+
+
+class ControlNetSplitHook(BatchSplitHook):
+    """On the pipeline's ControlNet: its batch ([uncond, cond], control images doubled) split as the UNet's, the
+    residuals kept as this rank's half for this rank's UNet half. In guess mode the pipeline runs the ControlNet
+    on the cond half only and pads the uncond half with zeros: every rank then runs that whole cond batch, since
+    the cond rank has to anyway and the UNet call after it waits for both."""
+
+    def __init__(self, module: torch.nn.Module, group: Any, execution: Execution, device: torch.device, host: Any):
+        super().__init__(module, group, execution, device, gather=False)
+        self.host = host
+
+    def _whole(self, args: tuple, kwargs: dict) -> bool:
+        return bool(kwargs.get("guess_mode")) and bool(getattr(self.host, "do_classifier_free_guidance", True))
 
 
 class CFGParallel(ParallelMethod):
@@ -93,6 +113,12 @@ class CFGParallel(ParallelMethod):
             execution.graphs_on(target.device)  # cuda_graph=True without a GPU: say so now
         target.register(target.denoiser,
                         BatchSplitHook(target.denoiser, target.group(self), execution, target.device), HOOK_NAME)
+        self._execution = execution
+
+    def apply_controlnet(self, target: Parallelized) -> None:
+        target.register(target.controlnet, ControlNetSplitHook(target.controlnet, target.group(self),
+                                                               self._execution, target.device, target.host),
+                        HOOK_NAME)
 
     def __repr__(self) -> str:
         return f"CFGParallel(compile={self.execution.compile!r}, cuda_graph={self.execution.cuda_graph!r})"

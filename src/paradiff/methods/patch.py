@@ -24,7 +24,7 @@ from torch.utils import _pytree as pytree
 from paradiff.comm import StaleExchange, all_gather
 from paradiff.errors import UserError
 from paradiff.execution import Execution
-from paradiff.parallel import ParallelMethod, Parallelized, parallelize_module
+from paradiff.parallel import CONTROLNET_RESIDUALS, ParallelMethod, Parallelized, parallelize_module
 from paradiff.plans import unet2d
 from paradiff.plans.patch_layers import GN_MODES, auto_gn_mode
 
@@ -92,6 +92,7 @@ class PatchParallel(ParallelMethod):
         self.execution.graphs_on(target.device)  # cuda_graph=True without a GPU: say so now
         self.hook = PatchHook(unet, target, target.group(self), self)
         target.register(unet, self.hook, HOOK_NAME)
+
         if self.vae:
             from paradiff.methods import vae as vae_method
 
@@ -101,6 +102,11 @@ class PatchParallel(ParallelMethod):
                                 "pipeline VAE (parallelize_module, apply_to_unet): use paradiff.parallelize_vae(vae).")
             vae_method.install(pipe_vae, target.group(self),
                                lambda module, hook, name: target.register(module, hook, vae_method.HOOK_NAME))
+
+    def apply_controlnet(self, target: Parallelized) -> None:
+        """The ControlNet's residuals stay the rows of this rank's patch, for this rank's UNet patch."""
+        self.controlnet_hook = ControlNetPatchHook(target.controlnet, target, target.group(self), self)
+        target.register(target.controlnet, self.controlnet_hook, HOOK_NAME)
 
     def check(self, target: Parallelized) -> None:
         if self.mode != "displaced":
@@ -132,6 +138,8 @@ def apply_to_unet(unet: torch.nn.Module, group: Any, config: PatchParallel) -> "
 class PatchHook(ModelHook):
     """UNet-level hook: step phase (sync/stale), row split and gather, compile and CUDA-graph dispatch."""
 
+    gather = True  # the output rows of every rank are put together (the UNet's noise prediction)
+
     def __init__(self, unet: torch.nn.Module, target: Parallelized, group: Any, config: PatchParallel):
         super().__init__()
         self.target, self.group, self.config = target, group, config
@@ -142,7 +150,8 @@ class PatchHook(ModelHook):
         hooks = {}
         if config.mode == "displaced":
             hooks = unet2d.apply(unet, self.exchange, config.gn_mode,
-                                 lambda module, hook, name: target.register(module, hook, HOOK_NAME, watch=name))
+                                 lambda module, hook, name: target.register(module, hook, HOOK_NAME, watch=name,
+                                                                            root=unet))
         self.counts = {kind: len(installed) for kind, installed in hooks.items()}
         self.norms = hooks.get("groupnorm", [])
         self.attentions = [m for m in unet.modules() if isinstance(m, Attention) and not m.is_cross_attention]
@@ -192,16 +201,60 @@ class PatchHook(ModelHook):
         sample = args[0] if args else kwargs["sample"]
         rows = sample.shape[-2] // self.world
         local = sample.narrow(-2, self.rank * rows, rows)
+        args, kwargs = self._split_extra(sample, args, kwargs)
         if args:
             args = (local, *args[1:])
         else:
             kwargs = {**kwargs, "sample": local}
         out = self.fn_ref.original_forward(*args, **kwargs)
-        out = pytree.tree_map(
-            lambda x: all_gather(x, x.dim() - 2, self.group) if isinstance(x, torch.Tensor) and x.dim() == 4 else x,
-            out)
+        if self.gather:
+            out = pytree.tree_map(
+                lambda x: all_gather(x, x.dim() - 2, self.group) if isinstance(x, torch.Tensor) and x.dim() == 4
+                else x, out)
         self.exchange.finish()
         return out
+
+    def _rows(self, x: torch.Tensor, sample: torch.Tensor, scale: int = 1) -> torch.Tensor:
+        """This rank's rows of `x`, a map of the whole image at `scale` x the sample's size (`x` itself when it
+        already has a patch's rows: a ControlNet's residuals, split with the UNet)."""
+        height, width = sample.shape[-2] * scale, sample.shape[-1] * scale
+        if x.dim() != 4 or x.shape[-2] * width != height * x.shape[-1]:
+            return x
+        rows = x.shape[-2] // self.world
+        return x.narrow(-2, self.rank * rows, rows)
+
+    def _split_extra(self, sample: torch.Tensor, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Row-split the call's other image-shaped inputs: a ControlNet's residuals, when the caller computed them
+        on the whole image (a ControlNet paradiff did not split)."""
+        extra = {}
+        for name in CONTROLNET_RESIDUALS:
+            if kwargs.get(name) is not None:
+                extra[name] = pytree.tree_map(lambda x: self._rows(x, sample), kwargs[name])
+        return args, {**kwargs, **extra} if extra else kwargs
+
+
+class ControlNetPatchHook(PatchHook):
+    """On the pipeline's ControlNet: the same split as the UNet's, with the control image split at its scale
+    (`embedding_factor` pixel rows per latent row); the residuals stay this rank's rows, which this rank's UNet
+    patch adds to its own: no exchange beyond the layers' own."""
+
+    gather = False
+
+    def __init__(self, net: torch.nn.Module, target: Parallelized, group: Any, config: PatchParallel):
+        from paradiff.plans.common import controlnets, embedding_factor
+
+        nets = controlnets(net)
+        self.net, self.scales = net, [embedding_factor(n) for n in nets]
+        super().__init__(net, target, group, config)
+        self.factor = max(unet2d.downsampling_factor(n.down_blocks) for n in nets)
+
+    def _split_extra(self, sample: torch.Tensor, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        from paradiff.plans.common import check_control_images, control_images, with_control_images
+
+        check_control_images(self.net, args, kwargs)
+        images, many = control_images(args, kwargs)
+        local = [self._rows(image, sample, scale) for image, scale in zip(images, self.scales)]
+        return with_control_images(args, kwargs, local, many)
 
 
 def patch_rows_message(rows: int, world: int, factor: int, row_pixels: int = 8, image: str = "image") -> str | None:

@@ -8,6 +8,11 @@ tuple indexing) needs no hand-written table: every unit output is made an autogr
 walked back to the leaves they were computed from. `split(model, n)` then cuts the execution order into `n`
 contiguous components of near-equal FLOPs (exact min-max partition). The same trace is computed on every rank, so
 all ranks agree on the split without communicating.
+
+A pipeline's ControlNet is one more unit, `CONTROLNET`, traced with the denoiser: its residuals enter the
+denoiser's forward, so the same autograd walk finds the units that consume them, and its FLOPs count for the
+component that runs it. It has no inputs from other units, so `split` may place it first (with the down blocks)
+or last (with the high-resolution up blocks, which consume its largest residuals) and keeps the better split.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from paradiff.plans.async_units import ALL, family_of
 
 OUTPUT = -1
 """Consumer index of the model's final output (run by every rank from the last component's values)."""
+CONTROLNET = "controlnet"
+"""The unit name of a pipeline's ControlNet (the whole ControlNetModel or MultiControlNetModel)."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,11 @@ class Split:
     @property
     def n(self) -> int:
         return len(self.bounds) - 1
+
+    @property
+    def controlnet_unit(self) -> int | None:
+        """The ControlNet's unit index (None: traced without one)."""
+        return self.graph.units.index(CONTROLNET) if CONTROLNET in self.graph.units else None
 
     def component_of(self, unit: int) -> int:
         if unit == OUTPUT:
@@ -92,13 +104,36 @@ def _tensor_leaves(obj: Any) -> list[torch.Tensor]:
     return [x for x in pytree.tree_leaves(obj) if isinstance(x, torch.Tensor)]
 
 
-def trace(model: torch.nn.Module, batch: int = 2, expand: Any = frozenset()) -> Graph:
-    """The unit graph of `model` (cached per class and config; costs nothing but a meta-device forward)."""
-    return _trace_cached(type(model), json.dumps(dict(model.config), sort_keys=True, default=str), batch, expand)
+def controlnet_configs(net: torch.nn.Module | None) -> str:
+    from paradiff.plans.common import controlnets
+
+    if net is None:
+        return ""
+    return json.dumps([type(net).__name__] + [dict(n.config) for n in controlnets(net)], sort_keys=True, default=str)
+
+
+def controlnet_twin(configs: str) -> torch.nn.Module:
+    """A meta-device copy of a ControlNet from `controlnet_configs` (a MultiControlNetModel of copies for several
+    nets)."""
+    import diffusers
+
+    kind, *nets = json.loads(configs)
+    with torch.device("meta"):
+        twins = [diffusers.ControlNetModel.from_config(config) for config in nets]
+        twin = diffusers.MultiControlNetModel(twins) if kind == "MultiControlNetModel" else twins[0]
+    return twin.eval().requires_grad_(False)
+
+
+def trace(model: torch.nn.Module, batch: int = 2, expand: Any = frozenset(),
+          controlnet: torch.nn.Module | None = None) -> Graph:
+    """The unit graph of `model` (cached per class and config; costs nothing but a meta-device forward), with
+    `controlnet` (the pipeline's) as the first unit when given."""
+    return _trace_cached(type(model), json.dumps(dict(model.config), sort_keys=True, default=str), batch, expand,
+                         controlnet_configs(controlnet))
 
 
 @lru_cache(maxsize=16)
-def _trace_cached(cls: type, config_json: str, batch: int, expand: Any) -> Graph:
+def _trace_cached(cls: type, config_json: str, batch: int, expand: Any, controlnet: str = "") -> Graph:
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
@@ -107,6 +142,9 @@ def _trace_cached(cls: type, config_json: str, batch: int, expand: Any) -> Graph
     family = family_of(twin)
     names = family.units(twin, expand)
     modules = dict(twin.named_modules())
+    if controlnet:
+        names.append(CONTROLNET)
+        modules[CONTROLNET] = net = controlnet_twin(controlnet)
     index = {name: i for i, name in enumerate(names)}
     owner: dict[int, tuple[int, int]] = {}
     keep: list[torch.Tensor] = []          # keeps leaves alive so their ids stay unique
@@ -167,6 +205,9 @@ def _trace_cached(cls: type, config_json: str, batch: int, expand: Any) -> Graph
     inputs = family.example_inputs(twin, batch)
     try:
         with torch.enable_grad(), counter:
+            if controlnet:
+                down, mid = net(**controlnet_inputs(net, inputs), return_dict=False)
+                inputs.update(down_block_additional_residuals=down, mid_block_additional_residual=mid)
             output = twin(**inputs)
     finally:
         for h in handles:
@@ -178,7 +219,8 @@ def _trace_cached(cls: type, config_json: str, batch: int, expand: Any) -> Graph
         raise UserError(f"AsyncDenoise: units {missing[:3]} did not run exactly once in a forward; cannot split.")
     remap = {old: new for new, old in enumerate(order)}
     params = [sum(p.numel() for p in modules[names[i]].parameters()) for i in order]
-    total_params = sum(p.numel() for p in twin.parameters())
+    total_params = sum(p.numel() for p in twin.parameters()) + (sum(p.numel() for p in net.parameters())
+                                                                if controlnet else 0)
     side = inputs.get("sample", inputs.get("hidden_states"))
     return Graph(
         model=cls.__name__,
@@ -191,6 +233,34 @@ def _trace_cached(cls: type, config_json: str, batch: int, expand: Any) -> Graph
         leaf_bytes={(remap[u], i): b for (u, i), b in leaf_bytes.items()},
         example=f"batch {batch}, latent {tuple(side.shape[1:])}",
     )
+
+
+def controlnet_inputs(net: torch.nn.Module, inputs: dict) -> dict:
+    """A ControlNet call beside the denoiser call `inputs`: the same latent, timestep, text and added conditioning,
+    and a control image per net at its scale (`embedding_factor` pixels per latent row)."""
+    from paradiff.plans.common import controlnets, embedding_factor
+
+    sample = inputs["sample"]
+    images = [torch.zeros(sample.shape[0], n.config.conditioning_channels, sample.shape[-2] * embedding_factor(n),
+                          sample.shape[-1] * embedding_factor(n), device=sample.device, dtype=sample.dtype)
+              for n in controlnets(net)]
+    many = len(images) > 1 or hasattr(net, "nets")
+    keep = ("sample", "timestep", "encoder_hidden_states", "added_cond_kwargs", "class_labels")
+    return {**{k: v for k, v in inputs.items() if k in keep}, "controlnet_cond": images if many else images[0],
+            "conditioning_scale": [1.0] * len(images) if many else 1.0}
+
+
+def _controlnet_last(graph: Graph) -> Graph:
+    """`graph` with its ControlNet unit moved from the first place to the last (it has no unit inputs, so any
+    place is a valid execution order; the last joins it to the high-resolution up blocks)."""
+    m = len(graph.units)
+    move = {0: m - 1, **{u: u - 1 for u in range(1, m)}, OUTPUT: OUTPUT}
+    order = list(range(1, m)) + [0]
+    return Graph(model=graph.model, units=tuple(graph.units[u] for u in order),
+                 flops=tuple(graph.flops[u] for u in order), params=tuple(graph.params[u] for u in order),
+                 shared_flops=graph.shared_flops, shared_params=graph.shared_params,
+                 edges=tuple(sorted((move[p], leaf, move[c]) for p, leaf, c in graph.edges)),
+                 leaf_bytes={(move[u], i): b for (u, i), b in graph.leaf_bytes.items()}, example=graph.example)
 
 
 def partition(costs: list[float] | tuple[float, ...], n: int) -> tuple[int, ...]:
@@ -216,47 +286,59 @@ def partition(costs: list[float] | tuple[float, ...], n: int) -> tuple[int, ...]
     return tuple(reversed(bounds))
 
 
-def split(model: torch.nn.Module, n: int) -> Split:
-    """Cut `model` into `n` balanced components (UserError when it has fewer splittable units than `n`).
+def split(model: torch.nn.Module, n: int, controlnet: torch.nn.Module | None = None) -> Split:
+    """Cut `model` (with the pipeline's `controlnet`, if any) into `n` balanced components (UserError when it has
+    fewer splittable units than `n`).
 
     Deep transformer stacks (SDXL's 10-block attentions) are first opened into single blocks to find the best
     cut; only the stacks that a cut actually falls inside stay open (their small glue then runs on every rank),
-    the others are closed again. The better of this and the plain block-level split is kept.
+    the others are closed again. The better of this and the plain block-level split is kept; with a ControlNet,
+    the best of these with the ControlNet first and last.
     """
     if n < 1:
         raise UserError(f"AsyncDenoise needs at least 1 component, got {n}.")
-    coarse = trace(model)
-    fine = trace(model, expand=ALL)
+    places = (lambda g: g, _controlnet_last) if controlnet is not None else (lambda g: g,)
+    coarse = trace(model, controlnet=controlnet)
+    fine = trace(model, expand=ALL, controlnet=controlnet)
     if n > len(fine.units):
         raise UserError(f"{coarse.model} has {len(fine.units)} splittable blocks, so it cannot be cut into {n} "
                         f"components; use components <= {len(fine.units)}.")
     candidates = []
-    if n <= len(coarse.units):
-        candidates.append(Split(coarse, partition(coarse.flops, n)))
-    if fine.units != coarse.units:
-        cut = Split(fine, partition(fine.flops, n))
-        stacks: dict[str, set[int]] = {}
-        for u, name in enumerate(fine.units):
-            if ".transformer_blocks." in name:
-                stacks.setdefault(name.split(".transformer_blocks.")[0], set()).add(cut.component_of(u))
-        open_stacks = frozenset(name for name, comps in stacks.items() if len(comps) > 1)
-        graph = trace(model, expand=open_stacks)
-        comp_of = {name: cut.component_of(u) for u, name in enumerate(fine.units)}
-        comps = [comp_of.get(name, comp_of.get(f"{name}.transformer_blocks.0")) for name in graph.units]
-        if all(a <= b for a, b in zip(comps, comps[1:])) and len(set(comps)) == n:
-            candidates.append(Split(graph, tuple(comps.index(k) for k in range(n)) + (len(comps),)))
+    for place in places:
+        if n <= len(coarse.units):
+            candidates.append(Split(place(coarse), partition(place(coarse).flops, n)))
+        if fine.units != coarse.units:
+            candidates += _fine_split(model, place(fine), n, controlnet, place)
     if not candidates:
         raise UserError(f"{coarse.model} cannot be cut into {n} balanced components.")
     return min(candidates, key=lambda s: max(s.costs) + s.graph.shared_flops)
+
+
+def _fine_split(model: torch.nn.Module, fine: Graph, n: int, controlnet: Any, place: Any) -> list[Split]:
+    """The split of `fine` (every deep stack open) with only the stacks a cut falls inside left open ([] when
+    closing the others breaks the order)."""
+    cut = Split(fine, partition(fine.flops, n))
+    stacks: dict[str, set[int]] = {}
+    for u, name in enumerate(fine.units):
+        if ".transformer_blocks." in name:
+            stacks.setdefault(name.split(".transformer_blocks.")[0], set()).add(cut.component_of(u))
+    open_stacks = frozenset(name for name, comps in stacks.items() if len(comps) > 1)
+    graph = place(trace(model, expand=open_stacks, controlnet=controlnet))
+    comp_of = {name: cut.component_of(u) for u, name in enumerate(fine.units)}
+    comps = [comp_of.get(name, comp_of.get(f"{name}.transformer_blocks.0")) for name in graph.units]
+    if all(a <= b for a, b in zip(comps, comps[1:])) and len(set(comps)) == n:
+        return [Split(graph, tuple(comps.index(k) for k in range(n)) + (len(comps),))]
+    return []
 
 
 def _range_text(names: tuple[str, ...]) -> str:
     return names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}"
 
 
-def explain_split(model: torch.nn.Module, n: int) -> str:
-    """A human-readable table of the split of `model` into `n` components (what `--explain` prints)."""
-    s = split(model, n)
+def explain_split(model: torch.nn.Module, n: int, controlnet: torch.nn.Module | None = None) -> str:
+    """A human-readable table of the split of `model` (and `controlnet`) into `n` components (what `--explain`
+    prints)."""
+    s = split(model, n, controlnet)
     g = s.graph
     total = sum(g.flops) + g.shared_flops
     lines = [f"AsyncDenoise split of {g.model} into {n} components (FLOPs at {g.example}; "

@@ -27,6 +27,77 @@ def denoiser_of(pipe: Any) -> torch.nn.Module:
     return getattr(pipe, denoiser_name(pipe))
 
 
+CONTROLNET_CLASSES = ("ControlNetModel", "MultiControlNetModel")
+
+
+def controlnet_of(pipe: Any) -> torch.nn.Module | None:
+    """The pipeline's ControlNet (`pipe.controlnet`: one ControlNetModel or a MultiControlNetModel), or None. The
+    pipeline calls it once per step, before the denoiser, and passes its residuals to the denoiser."""
+    net = getattr(pipe, "controlnet", None)
+    if not isinstance(net, torch.nn.Module):
+        return None
+    if type(net).__name__ not in CONTROLNET_CLASSES:
+        raise UserError(f"paradiff runs ControlNetModel and MultiControlNetModel ControlNets, not "
+                        f"{type(net).__name__} ({type(pipe).__name__}).")
+    return net
+
+
+def controlnets(net: torch.nn.Module) -> list[torch.nn.Module]:
+    """The ControlNetModels of a pipeline's ControlNet (the nets of a MultiControlNetModel, or the one)."""
+    return list(net.nets) if hasattr(net, "nets") else [net]
+
+
+def embedding_factor(net: torch.nn.Module) -> int:
+    """How much a ControlNet's conditioning embedding shrinks the control image (2 per stride-2 conv): the control
+    image has this many pixel rows per latent row."""
+    factor = 1
+    for module in net.controlnet_cond_embedding.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            factor *= module.stride[0]
+    return factor
+
+
+CONTROLNET_COND_POSITION = 3  # ControlNetModel.forward(sample, timestep, encoder_hidden_states, controlnet_cond, ...)
+
+
+def control_images(args: tuple, kwargs: dict) -> tuple[list, bool]:
+    """The control images of a ControlNet call (a list, one per net) and whether the call gave a list."""
+    cond = args[CONTROLNET_COND_POSITION] if len(args) > CONTROLNET_COND_POSITION else kwargs.get("controlnet_cond")
+    many = isinstance(cond, (list, tuple))
+    return (list(cond) if many else [cond]), many
+
+
+def with_control_images(args: tuple, kwargs: dict, images: list, many: bool) -> tuple[tuple, dict]:
+    value = images if many else images[0]
+    if len(args) > CONTROLNET_COND_POSITION:
+        return args[:CONTROLNET_COND_POSITION] + (value,) + args[CONTROLNET_COND_POSITION + 1:], kwargs
+    return args, {**kwargs, "controlnet_cond": value}
+
+
+def check_control_images(net: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """A UserError for control images a ControlNet cannot take: another channel count than its
+    `conditioning_channels`, another size than the latent's times its `embedding_factor`."""
+    sample = args[0] if args else kwargs["sample"]
+    images, _ = control_images(args, kwargs)
+    nets = controlnets(net)
+    if len(images) != len(nets):
+        raise UserError(f"{len(nets)} ControlNets got {len(images)} control images; give one per ControlNet.")
+    for i, (image, model) in enumerate(zip(images, nets)):
+        which = f"ControlNet {i}" if len(nets) > 1 else "the ControlNet"
+        channels = model.config.conditioning_channels
+        if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[1] != channels:
+            got = f"{image.shape[1]} channels" if isinstance(image, torch.Tensor) and image.dim() == 4 else \
+                f"a {type(image).__name__}"
+            raise UserError(f"{which} takes control images of {channels} channels (conditioning_channels), got "
+                            f"{got}.")
+        scale = embedding_factor(model)
+        want = (sample.shape[-2] * scale, sample.shape[-1] * scale)
+        if tuple(image.shape[-2:]) != want:
+            raise UserError(f"{which} needs a control image of {want[0]}x{want[1]} px ({scale} px per latent row of "
+                            f"the {sample.shape[-2]}x{sample.shape[-1]} latent), got "
+                            f"{image.shape[-2]}x{image.shape[-1]} px: give one of the generated image's size.")
+
+
 def vae_scale_factor(pipe: Any) -> int:
     """Pixels per latent row: the pipeline's own figure, else 2 per VAE down block beyond the first, else 8."""
     scale = getattr(pipe, "vae_scale_factor", None)
@@ -64,6 +135,13 @@ def image_inputs(pipe: Any, height: int, width: int) -> dict:
     from PIL import Image
 
     names = {cls.__name__ for cls in type(pipe).__mro__}
+    net = controlnet_of(pipe)
+    if net is not None:  # a gray control image per ControlNet (and a gray picture to start from, img2img)
+        gray = Image.new("RGB", (width, height), (128, 128, 128))
+        control = [gray] * len(controlnets(net)) if hasattr(net, "nets") else gray
+        if "Img2Img" in type(pipe).__name__:
+            return {"image": gray, "control_image": control}
+        return {"image": control}
     if names & set(UPSCALE_PIPELINES):
         scale = vae_scale_factor(pipe)
         return {"image": Image.new("RGB", (width // scale, height // scale), (128, 128, 128)),

@@ -36,8 +36,8 @@ from paradiff.errors import UserError
 from paradiff.execution import Execution
 from paradiff.execution.weights import free_weights
 from paradiff.methods.asyncdenoise.controller import _Controller
-from paradiff.methods.asyncdenoise.units import _State, _UnitHook
-from paradiff.methods.split import Split, split
+from paradiff.methods.asyncdenoise.units import _ControlNetHook, _State, _UnitHook
+from paradiff.methods.split import CONTROLNET, Split, controlnet_configs, controlnet_twin, split
 from paradiff.parallel import ParallelMethod, Parallelized, parallelize_module
 
 HOOK_NAME = "paradiff.async"
@@ -90,18 +90,33 @@ class AsyncDenoise(ParallelMethod):
         if n < 1 or size < 2:
             raise UserError(f"AsyncDenoise with stride {self.stride} needs at least 2 ranks (N components + "
                             f"{self.stride - 1}), got {size}.")
-        self.split = plan = split(model, n)
+        self.split = plan = split(model, n, target.controlnet)
         self.state = state = _State(plan, group, self.stride)
         state.twin = _meta_twin(model)
         for unit, name in enumerate(plan.graph.units):
+            if name == CONTROLNET:
+                continue  # its hook goes on in apply_controlnet
             module = model.get_submodule(name)
             local = plan.component_of(unit) == state.comp
             if not local:
                 free_weights(module, f"the denoiser's {name}",
                              "another rank runs it under AsyncDenoise; load the model again to run it whole.")
             target.register(module, _UnitHook(state, unit, name, local), HOOK_NAME, watch=name)
-        target.register(model, _Controller(state, model, target, self.warmup_steps, self.time_shift,
-                                           self.execution), HOOK_NAME)
+        self.controller = _Controller(state, model, target, self.warmup_steps, self.time_shift, self.execution)
+        target.register(model, self.controller, HOOK_NAME)
+
+    def apply_controlnet(self, target: Parallelized) -> None:
+        """The ControlNet runs on the rank of the component the split gave it, once per step; the others free
+        it and stand in with the residuals it sends them."""
+        net, state = target.controlnet, self.state
+        twin = controlnet_twin(controlnet_configs(net))
+        if net.dtype != torch.float32:
+            torch.nn.Module.to(twin, net.dtype)
+        hook = _ControlNetHook(state, self.controller, twin)
+        if not hook.local:
+            free_weights(net, "the ControlNet", "another rank runs it under AsyncDenoise; load it again to run it "
+                                                "whole.")
+        target.register(net, hook, HOOK_NAME)
 
     def check(self, target: Parallelized) -> None:
         for module in target.denoiser.modules():

@@ -49,38 +49,57 @@ class _Controller(ModelHook):
                                                      name="AsyncDenoise")
         return self._run_static(*args, **kwargs)
 
+    def _receive_controlnet(self) -> None:
+        """After an asynchronous step's forward read them: receive this step's ControlNet residuals for the next
+        (posted before the step's other values, in the order the ControlNet's rank sent them)."""
+        st = self.state
+        if st.controlnet_recv:
+            st.controlnet_recv = False
+            st.controlnet_p2p.post(send=False, recv=True)
+            st.controlnet_p2p.wait()
+
     def _broadcast(self, leaves: list, src: int) -> list:
         st = self.state
         return [broadcast_(x.contiguous(), src, st.group, "the asynchronous-denoising result") if _tensor(x) else x
                 for x in leaves]
 
-    def new_forward(self, module, *args, **kwargs):
-        st = self.state
-        tick = self.target.tick
+    def phase(self) -> tuple[bool, bool]:
+        """(synchronous, idle) for the current step: idle is a stride-2 round's second step, whose noise rank N-1
+        computed during the round. The ControlNet's hook asks too, before the denoiser call of its step."""
+        st, tick = self.state, self.target.tick
         sync = tick.step < self.warmup
         if sync:
             self._async_from = tick.call + 1
-        if st.stride == 2 and not sync and (tick.call - self._async_from) % 2 == 1:
-            # idle step of a stride-2 round: rank N-1 computed this step's noise during the round
-            leaves = self._pending if st.grank == st.n - 1 else [
-                torch.empty(s, dtype=d, device=dev) if s is not None else None for s, d, dev in self._out_meta]
-            return pytree.tree_unflatten(self._broadcast(leaves, st.n - 1), self._out_spec)
+        return sync, st.stride == 2 and not sync and (tick.call - self._async_from) % 2 == 1
+
+    def shifted(self, args: tuple, kwargs: dict, sync: bool) -> tuple[tuple, dict]:
+        """The call with the timestep this rank computes in an asynchronous step (time shift, stride 2's lead)."""
+        st = self.state
         shift = 1 if (self.time_shift and not sync) else 0
-        src = st.n - 1
         lead = 1 if st.stride == 2 and not sync and not st.extra else 0
-        if st.stride == 2 and not sync:
-            src = st.n
         if shift or lead:
             timesteps = self.target.clock.scheduler.timesteps
             index = self.target.clock.position(self._timestep(args, kwargs))
             t_index = min(index + lead, len(timesteps) - 1) - shift
             if t_index != index:
                 args, kwargs = self._with_timestep(args, kwargs, timesteps[t_index])
+        return args, kwargs
+
+    def new_forward(self, module, *args, **kwargs):
+        st = self.state
+        sync, idle = self.phase()
+        if idle:
+            leaves = self._pending if st.grank == st.n - 1 else [
+                torch.empty(s, dtype=d, device=dev) if s is not None else None for s, d, dev in self._out_meta]
+            return pytree.tree_unflatten(self._broadcast(leaves, st.n - 1), self._out_spec)
+        src = st.n if st.stride == 2 and not sync else st.n - 1
+        args, kwargs = self.shifted(args, kwargs, sync)
         signature = _signature((args, kwargs))
         if sync and signature != st.signature:
             st.mode = "discover"  # new shapes: find them while passing the values down the ranks (eager)
             out = self._run(args, kwargs)
             st.signature = signature
+            self._receive_controlnet()
         else:
             st.mode = "static"
             if sync:
@@ -92,6 +111,7 @@ class _Controller(ModelHook):
             out = self._run(args, kwargs)
             if st.observer is not None:
                 st.observer(phase, "end")
+            self._receive_controlnet()
             st.p2p.post(send=True, recv=not sync)
         st.p2p.wait()
         leaves, self._out_spec = pytree.tree_flatten(out)

@@ -43,9 +43,15 @@ class _State:
         self.signature = None    # input signature the buffers were discovered for
         self.placeholders: dict[tuple, torch.Tensor] = {}
         self.structures: dict[tuple, tuple] = {}
-        self.transfers = plan.transfers()
+        net = plan.controlnet_unit
+        self.transfers = [t for t in plan.transfers() if t[0] != net]
         self.p2p = StaleP2P(group, self.transfers, self.ranks_of, self.comp, sends=not self.extra)
         self.recv_keys = {(p, leaf) for p, leaf, _, dst in self.transfers if dst == self.comp}
+        # the ControlNet's residuals travel on their own channel: it runs before the denoiser call
+        self.controlnet_transfers = [t for t in plan.transfers() if t[0] == net]
+        self.controlnet_p2p = StaleP2P(group, self.controlnet_transfers, self.ranks_of, self.comp,
+                                       sends=not self.extra)
+        self.controlnet_recv = False  # an asynchronous step's ControlNet residuals are received after the step
         self.observer: Callable[[str, str], None] | None = None  # (phase, "start"/"end") around each forward
         self.twin = None  # meta-device copy of the model, for output shapes of units this rank does not run
 
@@ -118,3 +124,62 @@ class _UnitHook(ModelHook):
         return st.structures[key]
 
 
+
+
+class _ControlNetHook(ModelHook):
+    """On the pipeline's ControlNet: the rank whose component holds it runs it, once, and sends each residual to
+    the components that consume it; every other rank skips it and returns the residuals it consumes (this
+    step's in a synchronous step, the previous step's in an asynchronous one) and zeros it never reads."""
+
+    def __init__(self, state: _State, controller: Any, twin: torch.nn.Module):
+        super().__init__()
+        self.state, self.controller, self.twin = state, controller, twin
+        unit = state.plan.controlnet_unit
+        self.unit = unit
+        self.local = state.plan.component_of(unit) == state.comp
+        self.recv_keys = {(p, leaf) for p, leaf, _, dst in state.controlnet_transfers if dst == state.comp}
+        self.sends = sorted({leaf for p, leaf, src, _ in state.controlnet_transfers
+                             if self.local and not state.extra and src == state.comp})
+        self._structures: dict[tuple, tuple] = {}
+
+    def new_forward(self, module, *args, **kwargs):
+        st, p2p = self.state, self.state.controlnet_p2p
+        sync, idle = self.controller.phase()
+        if idle:  # a stride-2 round's idle step: the denoiser call returns the round's result unread
+            return self._stand_in(args, kwargs, receive=False)
+        args, kwargs = self.controller.shifted(args, kwargs, sync)
+        if self.local:
+            out = self.fn_ref.original_forward(*args, **kwargs)
+            if self.sends:
+                p2p.wait()  # the previous step's sends are done with the buffers
+                leaves = pytree.tree_leaves(out)
+                for leaf in self.sends:
+                    p2p.stage((self.unit, leaf), leaves[leaf])
+                p2p.post(send=True, recv=False)
+            return out
+        out = self._stand_in(args, kwargs, receive=bool(self.recv_keys))
+        if self.recv_keys and sync:
+            p2p.post(send=False, recv=True)
+            p2p.wait()
+        st.controlnet_recv = bool(self.recv_keys) and not sync  # received after this step's denoiser call
+        return out
+
+    def _stand_in(self, args: tuple, kwargs: dict, receive: bool) -> Any:
+        """The ControlNet's output from receive buffers (the residuals this rank consumes) and zeros."""
+        key = _signature((args, kwargs))
+        if key not in self._structures:
+            with torch.no_grad():
+                out = self.twin(*_meta(args), **_meta(kwargs))
+            leaves, spec = pytree.tree_flatten(out)
+            self._structures[key] = (spec, [(tuple(x.shape), x.dtype) if _tensor(x) else x for x in leaves])
+        spec, metas = self._structures[key]
+        device = next(x.device for x in pytree.tree_leaves((args, kwargs)) if _tensor(x))
+        leaves = []
+        for i, meta in enumerate(metas):
+            if not isinstance(meta, tuple):
+                leaves.append(meta)
+            elif receive and (self.unit, i) in self.recv_keys:
+                leaves.append(self.state.controlnet_p2p.receive_buffer((self.unit, i), *meta, device))
+            else:
+                leaves.append(self.state.placeholder(meta[0], meta[1], device))
+        return pytree.tree_unflatten(leaves, spec)

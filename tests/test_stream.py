@@ -45,8 +45,12 @@ def _frames(n, f, size=64, seed=0):
 
 
 @torch.no_grad()
-def _direct(pipe, frames, t_index, mode, noise, scale, delta, prompt, negative, txt=False):
-    """One frame at a time, one UNet call per step (and per negative), straight from the paper's formulas."""
+def _direct(pipe, frames, t_index, mode, noise, scale, delta, prompt, negative, txt=False, vae=None, control=None):
+    """One frame at a time, one UNet call per step (and per negative), straight from the paper's formulas.
+
+    SDXL pipes get their added conditioning (pooled embeddings, time ids) as diffusers' pipelines make it;
+    control=(controlnet, maps, scale) runs diffusers' ControlNet before each UNet call, maps[call][frame] being
+    that frame's (1, 3, H, W) control map."""
     sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
     sched.set_timesteps(50)
     ts = [int(round(float(sched.timesteps[i]))) for i in t_index]
@@ -58,36 +62,52 @@ def _direct(pipe, frames, t_index, mode, noise, scale, delta, prompt, negative, 
     else:
         cs, co = [0.0] * len(ts), [1.0] * len(ts)
     v_pred = sched.config.prediction_type == "v_prediction"
-    cond, uncond = pipe.encode_prompt(prompt, "cpu", 1, True, negative_prompt=negative)
-    vae, k, f = pipe.vae, len(ts), frames[0].shape[0]
+    encoded = pipe.encode_prompt(prompt=prompt, device="cpu", num_images_per_prompt=1,
+                                 do_classifier_free_guidance=True, negative_prompt=negative)
+    cond, uncond = encoded[:2]
+    pooled = encoded[2:] if len(encoded) == 4 else None
+    vae, k, f = vae or pipe.vae, len(ts), frames[0].shape[0]
+    size = frames[0].shape[1:3]
+    tiny = type(vae).__name__ == "AutoencoderTiny"
 
-    def eps(x, j, emb):
-        out = pipe.unet(x, ts[j], encoder_hidden_states=emb).sample
+    def eps(x, j, emb, p=0, c=0, neg=False):
+        kwargs = {}
+        if pooled is not None:
+            time_ids = torch.tensor([[*size, 0, 0, *size]], dtype=x.dtype)
+            kwargs["added_cond_kwargs"] = {"text_embeds": pooled[1 if neg else 0][p % len(pooled[0])][None],
+                                           "time_ids": time_ids}
+        if control is not None:
+            net, maps, cn_scale = control
+            down, mid = net(x, ts[j], encoder_hidden_states=emb, controlnet_cond=maps[c][p], conditioning_scale=cn_scale,
+                            return_dict=False, **kwargs)
+            kwargs.update(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+        out = pipe.unet(x, ts[j], encoder_hidden_states=emb, **kwargs).sample
         return a[j] * out + b[j] * x if v_pred else out
 
     results = []
-    for batch in frames:
+    for c, batch in enumerate(frames):
         outs = []
         for p in range(f):
             if txt:
                 x0_in = torch.zeros_like(noise[:1])
                 x = noise[p:p + 1]
             else:
-                img = torch.from_numpy(batch[p]).permute(2, 0, 1)[None].double() / 127.5 - 1
-                x0_in = vae.encode(img).latent_dist.mode() * vae.config.scaling_factor
+                img = torch.from_numpy(batch[p]).permute(2, 0, 1)[None].to(noise.dtype) / 127.5 - 1
+                encoded_img = vae.encode(img)
+                x0_in = (encoded_img.latents if tiny else encoded_img.latent_dist.mode()) * vae.config.scaling_factor
                 x = a[0] * x0_in + b[0] * noise[p:p + 1]
             x_neg = x0_in
             c_p, u_p = cond[p % len(cond)][None], uncond[p % len(uncond)][None]
             for j in range(k):
-                e_c = eps(x, j, c_p)
+                e_c = eps(x, j, c_p, p, c)
                 if mode == "none":
                     e = e_c
                 else:
                     if mode == "full":
-                        e_u = eps(x, j, u_p)
+                        e_u = eps(x, j, u_p, p, c, neg=True)
                     else:
                         if mode == "initialize" and j == 0:
-                            x_neg = (x - b[0] * eps(x, 0, u_p)) / a[0]
+                            x_neg = (x - b[0] * eps(x, 0, u_p, p, c, neg=True)) / a[0]
                         e_u = delta * (x - a[j] * x_neg) / b[j]
                     e = e_u + scale * (e_c - e_u)
                 x0 = co[j] * (x - b[j] * e) / a[j] + cs[j] * x

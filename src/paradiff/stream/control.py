@@ -110,4 +110,5 @@ class Control:
         values = list(scale) if isinstance(scale, (list, tuple)) else [scale] * len(self.nets)
         if len(values) != len(self.nets) or not all(isinstance(v, (int, float)) for v in values):
             raise UserError(f"controlnet scale must be a number or {len(self.nets)} numbers, got {scale!r}.")
-        self.scale.copy_(torch.tensor([float(v) for v in values], dtype=self.scale.dtype))
+        self.values = [float(v) for v in values]  # what was asked, without reading the device back
+        self.scale.copy_(torch.tensor(self.values, dtype=self.scale.dtype))

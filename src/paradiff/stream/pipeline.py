@@ -293,7 +293,7 @@ class StreamPipeline:
 
     @property
     def controlnet_scale(self) -> list[float]:
-        return [] if self.control is None else [float(v) for v in self.control.scale.cpu()]
+        return [] if self.control is None else list(self.control.values)
 
     # ------------------------------------------------------------------------------------------------- LoRA
     def _lora_adapter(self, adapter: str | None) -> str:

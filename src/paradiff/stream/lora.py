@@ -66,9 +66,46 @@ def set_scale(layers: list, adapter: str, scale: float) -> int:
     return count
 
 
+def _unet_tensors(pipe: Any, source: Any) -> dict:
+    """The UNet part of a LoRA in peft's key format, read the way diffusers' loader reads it."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    state = pipe.lora_state_dict(source)[0]
+    unet = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
+    if unet and not any("lora_A" in k for k in unet):
+        unet = convert_unet_state_dict_to_peft(unet)
+    return unet
+
+
+def check_fits(pipe: Any, source: Any, adapter: str) -> None:
+    """Every UNet tensor of the LoRA must have a place in `adapter` of the same shape (its rank at most the loaded
+    one's). Checked before swapping because a failed diffusers hot-swap deletes the adapter it was swapping into."""
+    try:
+        tensors = _unet_tensors(pipe, source)
+    except (ValueError, RuntimeError, KeyError, TypeError, OSError) as err:
+        raise UserError(f"could not read the LoRA {_name(source)}: {type(err).__name__}: {err}") from None
+    if not tensors:
+        raise UserError(f"the LoRA {_name(source)} has no UNet weights; only UNet LoRAs can be swapped live.")
+    params = dict(pipe.unet.named_parameters())
+    for key, value in tensors.items():
+        name = key.replace(".lora_A.", f".lora_A.{adapter}.").replace(".lora_B.", f".lora_B.{adapter}.")
+        have = params.get(name)
+        if have is None:
+            raise UserError(f"the LoRA {_name(source)} has {key}, which adapter {adapter!r} of the UNet does not: it "
+                            "was made for another model, or targets other layers than the loaded LoRA.")
+        rank_dim = 0 if ".lora_A." in key else 1
+        mine, theirs = list(have.shape), list(value.shape)
+        if len(mine) != len(theirs) or any(a != b for i, (a, b) in enumerate(zip(mine, theirs)) if i != rank_dim) \
+                or theirs[rank_dim] > mine[rank_dim]:
+            raise UserError(f"the LoRA {_name(source)} has {key} of shape {tuple(theirs)}, where adapter {adapter!r} "
+                            f"has {tuple(mine)}: it was made for another model (or a higher rank; see "
+                            "pipe.enable_lora_hotswap).")
+
+
 def hotswap(pipe: Any, source: Any, adapter: str) -> None:
     """Load `source` (a folder, file or state dict) into `adapter`'s existing tensors; a LoRA that does not fit the
-    model or the loaded adapter is one UserError."""
+    model or the loaded adapter is one UserError, and the loaded adapter is left as it was."""
+    check_fits(pipe, source, adapter)
     try:
         pipe.load_lora_weights(source, adapter_name=adapter, hotswap=True)
     except (ValueError, RuntimeError, KeyError, TypeError, OSError) as err:

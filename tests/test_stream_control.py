@@ -182,7 +182,7 @@ def test_controlnet_bad_inputs(sd32):
     two.prepare("a star")
     with pytest.raises(UserError, match="list of 2 entries"):
         two(frame, control_image=frame)
-    with pytest.raises(UserError, match="controlnet scale must be a number or 2 numbers"):
+    with pytest.raises(UserError, match=r"one number per ControlNet \(2\)"):
         two.set_controlnet_scale([1.0])
     plain = StreamPipeline(sd32, [30])
     plain.prepare("a star")

@@ -109,6 +109,7 @@ class Control:
     def set_scale(self, scale: float | Sequence[float]) -> None:
         values = list(scale) if isinstance(scale, (list, tuple)) else [scale] * len(self.nets)
         if len(values) != len(self.nets) or not all(isinstance(v, (int, float)) for v in values):
-            raise UserError(f"controlnet scale must be a number or {len(self.nets)} numbers, got {scale!r}.")
+            raise UserError(f"controlnet scale must be a number, or a list of one number per ControlNet "
+                            f"({len(self.nets)}), got {scale!r}.")
         self.values = [float(v) for v in values]  # what was asked, without reading the device back
         self.scale.copy_(torch.tensor(self.values, dtype=self.scale.dtype))

@@ -14,6 +14,8 @@ Text-encoder LoRAs are not hot-swapped (diffusers does not support it); the prom
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 from typing import Any
 
@@ -107,9 +109,10 @@ def hotswap(pipe: Any, source: Any, adapter: str) -> None:
     model or the loaded adapter is one UserError, and the loaded adapter is left as it was."""
     check_fits(pipe, source, adapter)
     try:
-        pipe.load_lora_weights(source, adapter_name=adapter, hotswap=True)
+        with _quiet_diffusers():
+            pipe.load_lora_weights(source, adapter_name=adapter, hotswap=True)
     except (ValueError, RuntimeError, KeyError, TypeError, OSError) as err:
-        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        first = _first_line(err)
         raise UserError(f"the LoRA {_name(source)} does not fit the stream's adapter {adapter!r} ({first}); a LoRA of "
                         "another rank or other layers needs pipe.enable_lora_hotswap(target_rank=...) before the "
                         "first LoRA is loaded, and it must be made for this model.") from None
@@ -118,18 +121,36 @@ def hotswap(pipe: Any, source: Any, adapter: str) -> None:
 def load(pipe: Any, source: Any, adapter: str | None = None) -> None:
     """`pipe.load_lora_weights` with a LoRA that does not match the model as one UserError (CLI, before the stream)."""
     try:
-        pipe.load_lora_weights(source, adapter_name=adapter)
+        with _quiet_diffusers():
+            pipe.load_lora_weights(source, adapter_name=adapter)
     except (ValueError, RuntimeError, KeyError, TypeError, OSError) as err:
-        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-        raise UserError(f"the LoRA {_name(source)} does not match {type(pipe).__name__} ({first}).") from None
+        first = _first_line(err)
+        raise UserError(f"LoRA {_name(source)} does not match {type(pipe).__name__} ({first}).") from None
     _check_loaded(pipe, source)
 
 
 def _check_loaded(pipe: Any, source: Any) -> None:
     """diffusers only warns when no key of a LoRA matched the UNet or text encoders: make that an error."""
     if not any(lora_layers(getattr(pipe, name, None)) for name in ("unet", "text_encoder", "text_encoder_2")):
-        raise UserError(f"the LoRA {_name(source)} has no weights for any layer of {type(pipe).__name__}'s UNet or "
+        raise UserError(f"LoRA {_name(source)} has no weights for any layer of {type(pipe).__name__}'s UNet or "
                         "text encoders: it was made for another model.")
+
+
+@contextlib.contextmanager
+def _quiet_diffusers():
+    """diffusers logs a failed LoRA load (a traceback) before raising; the UserError says it in one line instead."""
+    logger = logging.getLogger("diffusers")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300].rstrip(":") if text else type(err).__name__
 
 
 def _name(source: Any) -> str:

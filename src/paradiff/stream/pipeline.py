@@ -173,6 +173,7 @@ class StreamPipeline:
             self.control = Control(controlnet, control_preprocessor, controlnet_scale, unet, self.device, self.dtype)
         elif control_preprocessor is not None:
             raise UserError("control_preprocessor needs a controlnet (StreamPipeline(..., controlnet=...)).")
+        self._fixed_control: list = [None] * (len(self.control) if self.control is not None else 0)
         self._lora_layers = lora_mod.lora_layers(unet)
         if self._lora_layers and not lora_mod.is_fused(self._lora_layers):
             lora_mod.scalings_to_tensors(self._lora_layers)  # live scales: no recompile, no re-capture
@@ -291,6 +292,16 @@ class StreamPipeline:
             raise UserError("this stream has no ControlNet; build it with StreamPipeline(..., controlnet=...).")
         self.control.set_scale(scale)
 
+    def set_control_image(self, control_image: Any) -> None:
+        """A control map used for every frame that comes without one (a pose or an edge map held still); None
+        clears it. Same forms as `control_image` of a call."""
+        if self.control is None:
+            raise UserError("this stream has no ControlNet; build it with StreamPipeline(..., controlnet=...).")
+        self._fixed_control = [None] * len(self.control)
+        if control_image is not None:
+            self._take_control(control_image, from_frame=True)
+            self._fixed_control = list(self._control_batches)
+
     @property
     def controlnet_scale(self) -> list[float]:
         return [] if self.control is None else list(self.control.values)
@@ -389,21 +400,26 @@ class StreamPipeline:
                                 "StreamPipeline(..., controlnet=...).")
             return ()
         n = len(self.control)
-        entries = [control_image]
-        if n > 1:
+        entries = [control_image] if n == 1 or control_image is not None else [None] * n
+        if n > 1 and control_image is not None:
             if not isinstance(control_image, (list, tuple)) or len(control_image) != n:
                 raise UserError(f"the stream has {n} ControlNets: give control_image as a list of {n} entries (one "
                                 "per ControlNet; None where a preprocessor derives it from the frame).")
             entries = list(control_image)
         given = []
         for i, entry in enumerate(entries):
+            if entry is None and self._fixed_control[i] is not None:
+                self._control_batches.append(self._fixed_control[i])
+                given.append(True)
+                continue
             if entry is None:
                 if not from_frame:
                     raise UserError(f"txt2img with a ControlNet needs control_image (controlnet[{i}]): there is no "
                                     "frame to derive a map from.")
                 if self.control.preprocessors[i] is None:
-                    raise UserError(f"controlnet[{i}] needs a control image with every frame: give control_image=..., "
-                                    "or build the stream with control_preprocessor='canny' to derive it from the frame.")
+                    raise UserError(f"controlnet[{i}] needs a control image with every frame: give control_image=... "
+                                    "(or set_control_image), or build the stream with control_preprocessor='canny' to "
+                                    "derive it from the frame.")
                 self._control_batches.append(None)
                 given.append(False)
                 continue

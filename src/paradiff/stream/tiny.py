@@ -71,18 +71,24 @@ def tiny_pipeline(scheduler: str = "lcm", prediction_type: str = "epsilon", size
     return pipe.to(device=device, dtype=dtype)
 
 
-def tiny_controlnet(unet: Any, seed: int = 0):
+def random_controlnet(unet: Any, seed: int = 0, tiny: bool = True):
     """A ControlNetModel shaped after `unet` (diffusers' `from_unet`) with random weights everywhere, its zero
-    convolutions included: a fresh ControlNet adds nothing, which no test could tell from no ControlNet."""
+    convolutions included: a fresh ControlNet adds nothing, which no test could tell from no ControlNet.
+    tiny: toy widths for the conditioning image encoder (else diffusers' default, as real ControlNets have)."""
     import torch
     from diffusers import ControlNetModel
 
     torch.manual_seed(seed)
-    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 16, 16),
-                                    load_weights_from_unet=False)
+    embedding = (8, 8, 16, 16) if tiny else (16, 32, 96, 256)
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=embedding, load_weights_from_unet=False)
     with torch.no_grad():
         for param in net.parameters():
             if param.abs().sum() == 0:
-                param.normal_(0, 0.2)  # residuals that show, not so large that GroupNorm hides the scale
+                param.normal_(0, 0.2 if tiny else 0.02)  # residuals that show, not so large that GroupNorm hides the scale
     net = net.to(unet.device)
-    return (net if unet.dtype == torch.float32 else net.to(unet.dtype)).eval()
+    return (net if unet.dtype == torch.float32 else net.to(unet.dtype)).eval().requires_grad_(False)
+
+
+def tiny_controlnet(unet: Any, seed: int = 0):
+    """`random_controlnet` at toy widths (the tests' ControlNet)."""
+    return random_controlnet(unet, seed, tiny=True)

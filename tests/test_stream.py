@@ -246,3 +246,28 @@ def test_frame_kinds_and_bad_inputs(lcm_pipe):
         StreamPipeline(lcm_pipe, [20], similarity_filter=1.5)
     with pytest.raises(UserError, match="one per frame"):
         StreamPipeline(lcm_pipe, [20], frame_buffer_size=2).prepare(["a", "b", "c"])
+
+
+def test_engine_options_keep_the_frames(lcm_pipe):
+    """channels-last, a pinned attention backend and the whole step compiled give the default step's frames."""
+    import copy
+
+    from paradiff import StreamPipeline
+
+    frames = _frames(3, 1, seed=7)
+    plain = StreamPipeline(lcm_pipe, [30, 45], guidance="self")
+    plain.prepare("a circle", seed=1)
+    want = [plain(fr[0]) for fr in frames]
+    pipe = copy.deepcopy(lcm_pipe)  # channels-last changes the modules' memory format in place
+    fast = StreamPipeline(pipe, [30, 45], guidance="self", channels_last=True, attention="math",
+                          compile={"backend": "eager"}, compile_scope="step")
+    assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    fast.prepare("a circle", seed=1)
+    for fr, w in zip(frames, want):
+        assert _max_diff(fast(fr[0]), w) <= 1
+    with pytest.raises(UserError, match="attention must be one of"):
+        StreamPipeline(lcm_pipe, [30], attention="fast")
+    with pytest.raises(UserError, match="compile_scope must be one of"):
+        StreamPipeline(lcm_pipe, [30], compile_scope="all")
+    with pytest.raises(UserError, match="float8=True needs"):
+        StreamPipeline(pipe, [30], float8=True)

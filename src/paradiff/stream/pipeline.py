@@ -28,6 +28,7 @@ import torch
 from paradiff.errors import UserError
 from paradiff.execution import Execution
 from paradiff.stream import conditioning
+from paradiff.stream import engine
 from paradiff.stream import frames as frames_mod
 from paradiff.stream import lora as lora_mod
 from paradiff.stream.control import Control
@@ -117,6 +118,10 @@ class StreamPipeline:
         controlnet: Any = None,
         control_preprocessor: Any = None,
         controlnet_scale: float | Sequence[float] = 1.0,
+        channels_last: bool = False,
+        attention: str | None = None,
+        float8: bool = False,
+        compile_scope: str = "modules",
     ):
         for part in ("unet", "vae", "scheduler", "encode_prompt"):
             if getattr(pipe, part, None) is None:
@@ -177,18 +182,28 @@ class StreamPipeline:
         self._lora_layers = lora_mod.lora_layers(unet)
         if self._lora_layers and not lora_mod.is_fused(self._lora_layers):
             lora_mod.scalings_to_tensors(self._lora_layers)  # live scales: no recompile, no re-capture
+        engine.check(attention, compile_scope)  # speed options: stream/engine.py
+        if float8:
+            engine.float8_linears(unet)
+        if channels_last:
+            engine.to_channels_last([unet, self.vae] + (self.control.nets if self.control is not None else []))
+        self._attention = engine.attention_context(attention)
         execution = Execution(compile, cuda_graph, graph_warmup=2)
-        self._unet_fn = _compiled(_unet_eps, execution) if compile else _unet_eps
-        self._control_fn = _compiled(_controlnet_residuals, execution) if compile else _controlnet_residuals
-        self._encode_fn = _compiled(_encode_latents, execution) if compile else _encode_latents
-        self._decode_fn = _compiled(_decode_latents, execution) if compile else _decode_latents
+        per_module = bool(compile) and compile_scope == "modules"
+        self._unet_fn = _compiled(_unet_eps, execution) if per_module else _unet_eps
+        self._control_fn = _compiled(_controlnet_residuals, execution) if per_module else _controlnet_residuals
+        self._encode_fn = _compiled(_encode_latents, execution) if per_module else _encode_latents
+        self._decode_fn = _compiled(_decode_latents, execution) if per_module else _decode_latents
         s = self.schedule
         self._a, self._b = _rows(s.alpha, f), _rows(s.beta, f)
         self._cskip, self._cout = _rows(s.c_skip, f), _rows(s.c_out, f)
         t = s.timesteps.repeat_interleave(f)
         self._t_unet = {"none": t, "self": t, "full": torch.cat([t, t]), "initialize": torch.cat([t[:f], t])}[guidance]
-        self._img2img = execution.runner(self._img2img_step, self.device, name="StreamPipeline")
-        self._txt2img = execution.runner(self._txt2img_step, self.device, name="StreamPipeline")
+        steps = (self._img2img_step, self._txt2img_step)
+        if compile and compile_scope == "step":  # one compiled graph per stream: pre/post-processing fuses too
+            steps = tuple(execution.compiled(step) for step in steps)
+        self._img2img = execution.runner(steps[0], self.device, name="StreamPipeline")
+        self._txt2img = execution.runner(steps[1], self.device, name="StreamPipeline")
         self._prepared = False
         self._lora_scale: dict[str, float] = {}
         self.prompt: list[str] = []
@@ -465,6 +480,10 @@ class StreamPipeline:
         return self._decode_fn(self.vae, latents)
 
     def _unet(self, x: torch.Tensor, t: torch.Tensor, maps: list[torch.Tensor]) -> torch.Tensor:
+        with self._attention():
+            return self._denoise(x, t, maps)
+
+    def _denoise(self, x: torch.Tensor, t: torch.Tensor, maps: list[torch.Tensor]) -> torch.Tensor:
         down = mid = None
         if self.control is not None:
             scales = [self.control.scale[i] for i in range(len(self.control))]  # 0-dim views: no host read

@@ -125,17 +125,22 @@ def _max_diff(x, y):
 
 @pytest.mark.parametrize("mode", ["none", "self", "initialize", "full"])
 def test_stream_batch_equals_per_frame_computation(lcm_pipe, mode):
+    check_stream_batch(lcm_pipe, mode)
+
+
+def check_stream_batch(pipe, mode):
+    """A 3-step stream of 2 frames per call against `_direct`, lag included (also used by the SDXL tests)."""
     from paradiff import StreamPipeline
 
     f, k = 2, len(T_INDEX)
     frames = _frames(4, f)
-    stream = StreamPipeline(lcm_pipe, T_INDEX, guidance=mode, delta=0.8, frame_buffer_size=f, warm_start=False)
+    stream = StreamPipeline(pipe, T_INDEX, guidance=mode, delta=0.8, frame_buffer_size=f, warm_start=False)
     stream.prepare(["a red circle", "a blue square"], negative_prompt="green", guidance_scale=1.7, seed=3)
     with NoScalarReads():  # capturable in a CUDA graph: no scalar reads anywhere in the step
         stream.txt2img() if mode == "full" else stream(torch.from_numpy(frames[0]))
     stream.reset()
     outs = [stream(fr) for fr in frames]
-    want = _direct(lcm_pipe, frames, T_INDEX, mode, stream._noise, 1.7, 0.8, ["a red circle", "a blue square"],
+    want = _direct(pipe, frames, T_INDEX, mode, stream._noise, 1.7, 0.8, ["a red circle", "a blue square"],
                    ["green", "green"])
     # call c gives back the frames of call c-(k-1): a lag of k-1 calls
     for c in range(k - 1, len(frames)):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from paradiff.errors import UserError
-from test_stream import T_INDEX, NoScalarReads, _direct, _frames, _max_diff
+from test_stream import NoScalarReads, _frames, _max_diff, check_stream_batch
 
 torch.set_num_threads(1)
 
@@ -34,21 +34,7 @@ def _np_uint8(images):
 
 @pytest.mark.parametrize("mode", ["none", "self", "initialize", "full"])
 def test_sdxl_stream_batch_equals_per_frame_computation(sdxl, mode):
-    from paradiff import StreamPipeline
-
-    f, k = 2, len(T_INDEX)
-    frames = _frames(4, f)
-    stream = StreamPipeline(sdxl, T_INDEX, guidance=mode, delta=0.8, frame_buffer_size=f, warm_start=False)
-    stream.prepare(["a red circle", "a blue square"], negative_prompt="green", guidance_scale=1.7, seed=3)
-    with NoScalarReads():
-        stream(torch.from_numpy(frames[0]))
-    stream.reset()
-    outs = [stream(fr) for fr in frames]
-    want = _direct(sdxl, frames, T_INDEX, mode, stream._noise, 1.7, 0.8, ["a red circle", "a blue square"],
-                   ["green", "green"])
-    for c in range(k - 1, len(frames)):
-        assert _max_diff(outs[c], want[c - (k - 1)]) <= 1, (mode, c)
-    assert _max_diff(want[0], want[1]) > 10
+    check_stream_batch(sdxl, mode)
 
 
 def _recording(unet):

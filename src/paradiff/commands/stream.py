@@ -9,27 +9,23 @@ from paradiff.commands.common import (SaidWithFlag, add_model_args, float_betwee
                                       non_negative_int, positive_int)
 
 
-def t_index_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.replace(" ", "").split(",") if v != ""]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated step indices like 32,45; got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("give at least one step index, e.g. 32,45")
-    return values
+def _number_list(cast, what: str, example: str):
+    """An argparse type: comma-separated numbers (`cast` each), at least one."""
+    def parse(text: str) -> list:
+        try:
+            values = [cast(v) for v in text.replace(" ", "").split(",") if v != ""]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what} like {example}; got {text!r}") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"give at least one of the {what}, e.g. {example}")
+        return values
+
+    return parse
 
 
+t_index_list = _number_list(int, "step indices", "32,45")
+scales = _number_list(float, "scales", "0.8,1.0")
 threshold = float_between(0, 1, "a number between 0 and 1", "e.g. 0.98")
-
-
-def scales(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.replace(" ", "").split(",") if v != ""]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or comma-separated numbers like 0.8,1.0; got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("give at least one scale, e.g. 1.0")
-    return values
 
 
 def add_parser(sub) -> None:

@@ -7,11 +7,17 @@ uint8 frames in and out. Configurations, most important first (a time budget ski
 Throughput = frames (or images) per second over back-to-back calls on frames already on the GPU; latency = one
 numpy frame in -> numpy frame out, host copies included. The diffusers baseline runs the same modules eagerly
 (1 step: num_inference_steps=2, strength=0.5, PIL in and out, which is how the pipeline is used).
-`--tiny` runs the same code on a toy pipeline (CPU is fine) so the script itself is tested.
+Other models (`sdxl-*` configs: SDXL-Turbo + TAESDXL; `controlnet-*`: SD-Turbo + one random ControlNet fed by the
+on-GPU Canny preprocessor), engine options (`--options default,channels_last,attention=cudnn,float8,step`: one run
+per '+'-joined set, on the configs of `--option-configs`), and `--profile` (kernel time per component from
+torch.profiler, step run without CUDA graphs so kernels can be attributed: encode / controlnet / unet / decode /
+the rest = pre- and post-processing). `--suite issue14` is all of that in priority order within `--budget-s`.
+`--tiny` runs the same code on toy pipelines (CPU is fine) so the script itself is tested.
 `--fidelity` measures, on the few-step reference model, prompt adherence per guidance mode and the similarity
 filter's skip rates (CPU is fine).
 
     python benchmarks/stream_bench.py --out benchmarks/results/stream-h100
+    python benchmarks/stream_bench.py --suite issue14 --out $OUT
     python benchmarks/stream_bench.py --tiny --device cpu --out /tmp/stream-tiny
 """
 
@@ -32,14 +38,44 @@ import numpy as np
 import torch
 
 CONFIGS = [
-    # name, kind, t_index_list, frame_buffer_size, guidance
+    # name, kind, t_index_list, frame_buffer_size, guidance[, model: "base" (--arch) | "sdxl" | "controlnet"]
     ("img2img-1step-b4", "img2img", [35], 4, "none"),
     ("txt2img-1step-b4", "txt2img", [0], 4, "none"),
     ("stream-4step-b1", "img2img", [0, 16, 32, 45], 1, "none"),
     ("img2img-1step-b1", "img2img", [35], 1, "none"),
     ("stream-2step-self-b1", "img2img", [32, 45], 1, "self"),
     ("txt2img-1step-b8", "txt2img", [0], 8, "none"),
+    ("sdxl-img2img-1step-b4", "img2img", [35], 4, "none", "sdxl"),
+    ("sdxl-img2img-1step-b1", "img2img", [35], 1, "none", "sdxl"),
+    ("controlnet-img2img-1step-b4", "img2img", [35], 4, "none", "controlnet"),
+    ("controlnet-img2img-1step-b1", "img2img", [35], 1, "none", "controlnet"),
 ]
+BASE_CONFIGS = [c[0] for c in CONFIGS if len(c) == 5]
+# --suite issue14: what issue 14's targets need first, then the engine options, within the budget
+SUITE = {
+    "issue14": dict(configs="img2img-1step-b4,img2img-1step-b1,sdxl-img2img-1step-b4,sdxl-img2img-1step-b1,"
+                            "controlnet-img2img-1step-b4", engines="compile",
+                    options="default,channels_last,attention=cudnn,step,channels_last+step,float8",
+                    option_configs="img2img-1step-b4", profile=True, no_baseline=True),
+}
+
+
+def parse_options(text: str) -> dict:
+    """'channels_last+attention=cudnn+float8+step' -> StreamPipeline keyword arguments ('default': none)."""
+    kwargs: dict = {}
+    for part in [p for p in text.split("+") if p and p != "default"]:
+        key, _, value = part.partition("=")
+        if key == "channels_last":
+            kwargs["channels_last"] = True
+        elif key == "float8":
+            kwargs["float8"] = True
+        elif key == "step":
+            kwargs["compile_scope"] = "step"
+        elif key == "attention" and value:
+            kwargs["attention"] = value
+        else:
+            raise SystemExit(f"unknown engine option {part!r} (channels_last, attention=NAME, float8, step)")
+    return kwargs
 
 
 def _versions() -> dict:
@@ -69,17 +105,43 @@ def tiny_models():
     return models
 
 
-def _build(args, device, dtype):
+def _build(args, device, dtype, model="base"):
+    """(pipe, tiny VAE, controlnet or None) of a config's model."""
     if args.tiny:
-        models = tiny_models()
-        pipe = models.tiny_stream_pipeline("euler", device=device, dtype=dtype)
-        return pipe, models.tiny_taesd().to(device, dtype)
-    from paradiff.archs import build_model, build_pipeline
+        from paradiff.stream.tiny import tiny_controlnet, tiny_pipeline
 
-    pipe = build_pipeline(args.arch, dtype=dtype, device=device)
+        models = tiny_models()
+        pipe = tiny_pipeline("euler", family="sdxl" if model == "sdxl" else "sd", device=device, dtype=dtype)
+        net = tiny_controlnet(pipe.unet) if model == "controlnet" else None
+        return pipe, models.tiny_taesd().to(device, dtype), net
+    from paradiff.archs import build_model, build_pipeline
+    from paradiff.stream.tiny import random_controlnet
+
+    arch = args.sdxl_arch if model == "sdxl" else args.arch
+    pipe = build_pipeline(arch, dtype=dtype, device=device)
     pipe.set_progress_bar_config(disable=True)
-    taesd = build_model("taesd", "vae", dtype=dtype, device=device)
-    return pipe, taesd
+    taesd = build_model("taesdxl" if model == "sdxl" else "taesd", "vae", dtype=dtype, device=device)
+    net = random_controlnet(pipe.unet, tiny=False) if model == "controlnet" else None
+    return pipe, taesd, net
+
+
+class Models:
+    """Each model built once, when a config first needs it (SD-Turbo's modules are shared with its ControlNet run)."""
+
+    def __init__(self, args, device, dtype):
+        self.args, self.device, self.dtype, self.cache = args, device, dtype, {}
+
+    def get(self, model: str):
+        if model not in self.cache:
+            if model == "controlnet" and "base" in self.cache:
+                from paradiff.stream.tiny import random_controlnet, tiny_controlnet
+
+                pipe, taesd, _ = self.cache["base"]
+                net = tiny_controlnet(pipe.unet) if self.args.tiny else random_controlnet(pipe.unet, tiny=False)
+                self.cache[model] = (pipe, taesd, net)
+            else:
+                self.cache[model] = _build(self.args, self.device, self.dtype, model)
+        return self.cache[model]
 
 
 def _time_calls(fn, device, iters: int, warmup: int) -> float:
@@ -105,14 +167,23 @@ def _time_each(fn, device, iters: int) -> list[float]:
     return times
 
 
-def bench_stream(pipe, taesd, cfg, engine, args, device, size):
+def make_stream(models, cfg, engine, device, size, options=None, graph=True):
     from paradiff import StreamPipeline
 
-    name, kind, t_index, fbs, guidance = cfg
-    use_graph = device.type == "cuda" and engine in ("graph", "compile")
+    name, kind, t_index, fbs, guidance = cfg[:5]
+    pipe, taesd, net = models.get(cfg[5] if len(cfg) > 5 else "base")
+    use_graph = graph and device.type == "cuda" and engine in ("graph", "compile")
+    control = dict(controlnet=net, control_preprocessor="canny") if net is not None else {}
     stream = StreamPipeline(pipe, t_index, guidance=guidance, frame_buffer_size=fbs, tiny_vae=taesd,
-                            height=size, width=size, cuda_graph=use_graph, compile=engine == "compile")
+                            height=size, width=size, cuda_graph=use_graph, compile=engine == "compile",
+                            **control, **(options or {}))
     stream.prepare("a watercolor painting of a cat", guidance_scale=1.2)
+    return stream
+
+
+def bench_stream(models, cfg, engine, args, device, size, options_name="default"):
+    name, kind, t_index, fbs, guidance = cfg[:5]
+    stream = make_stream(models, cfg, engine, device, size, parse_options(options_name))
     rng = np.random.default_rng(0)
     host = rng.integers(0, 256, (fbs, size, size, 3), dtype=np.uint8)
     frames = torch.from_numpy(host).to(device)
@@ -122,7 +193,8 @@ def bench_stream(pipe, taesd, cfg, engine, args, device, size):
     _sync(device)
     setup_s = time.perf_counter() - start
     per_call = _time_calls(call, device, args.iters, args.warmup)
-    row = {"config": name, "engine": engine, "kind": kind, "t_index_list": t_index, "frame_buffer_size": fbs,
+    row = {"config": name, "engine": engine, "options": options_name, "kind": kind, "t_index_list": t_index,
+           "frame_buffer_size": fbs,
            "guidance": guidance, "unet_batch": len(t_index) * fbs * (2 if guidance == "full" else 1),
            "ms_per_call": round(per_call * 1e3, 3), "frames_per_s": round(fbs / per_call, 1),
            "setup_s": round(setup_s, 1)}
@@ -132,6 +204,48 @@ def bench_stream(pipe, taesd, cfg, engine, args, device, size):
         row["latency_ms_median"] = round(float(np.median(times)) * 1e3, 3)
         row["latency_ms_p90"] = round(float(np.percentile(times, 90)) * 1e3, 3)
     return row
+
+
+def profile_stream(models, cfg, engine, args, device, size) -> dict:
+    """Kernel time per component of one step (CUDA graphs off, so each kernel belongs to a range), as ms per call
+    and share; 'other' is the rest of the step: uint8 pre/post-processing, scheduler arithmetic, state copies."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    stream = make_stream(models, cfg, engine, device, size, graph=False)
+    for attr, label in (("_encode_fn", "encode"), ("_control_fn", "controlnet"), ("_unet_fn", "unet"),
+                        ("_decode_fn", "decode")):
+        fn = getattr(stream, attr)
+
+        def ranged(*a, _fn=fn, _label=label, **k):
+            with record_function(f"stream.{_label}"):
+                return _fn(*a, **k)
+
+        setattr(stream, attr, ranged)
+    fbs = cfg[3]
+    frames = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (fbs, size, size, 3), dtype=np.uint8)).to(device)
+    call = (lambda: stream.txt2img()) if cfg[1] == "txt2img" else (lambda: stream(frames))
+    for _ in range(3):  # compile, warm up
+        call()
+    _sync(device)
+    calls = max(2, min(args.iters, 10))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            with record_function("stream.step"):
+                call()
+        _sync(device)
+    gpu = device.type == "cuda"
+    times = {e.key[len("stream."):]: (e.device_time_total if gpu else e.cpu_time_total) / 1e3 / calls
+             for e in prof.key_averages() if e.key.startswith("stream.")}
+    step = times.pop("step", 0.0)
+    parts = {k: round(v, 3) for k, v in times.items()}
+    parts["other"] = round(max(0.0, step - sum(times.values())), 3)
+    kernels = sorted((e for e in prof.key_averages() if gpu and e.self_device_time_total > 0 and
+                      not e.key.startswith("stream.")), key=lambda e: -e.self_device_time_total)[:12]
+    return {"config": cfg[0], "engine": f"{engine}, no CUDA graph", "time": "GPU kernel" if gpu else "CPU",
+            "ms_per_call": round(step, 3), "ms_by_component": parts,
+            "share": {k: round(v / step, 3) for k, v in parts.items()} if step else {},
+            "top_kernels_ms_per_call": {e.key[:80]: round(e.self_device_time_total / 1e3 / calls, 3) for e in kernels}}
 
 
 def check_graph(pipe, taesd, device, size, modes=(False, True)) -> dict:
@@ -181,29 +295,33 @@ def run_speed(args) -> dict:
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     size = args.size or (64 if args.tiny else 512)
     t0 = time.perf_counter()
-    pipe, taesd = _build(args, device, dtype)
+    models = Models(args, device, dtype)
+    pipe, taesd, _ = models.get("base")
     result = {"command": " ".join([Path(sys.executable).name] + sys.argv), "date": datetime.datetime.now(
         datetime.timezone.utc).isoformat(timespec="seconds"), "device": str(device), "versions": _versions(),
-        "model": "tiny random" if args.tiny else f"{args.arch} UNet + text encoder, TAESD (random weights)",
+        "model": "tiny random" if args.tiny else f"{args.arch} UNet + text encoder, TAESD (random weights); sdxl-*: "
+                 f"{args.sdxl_arch} + TAESDXL; controlnet-*: {args.arch} + a ControlNet shaped after its UNet "
+                 "(random weights), maps from the on-GPU Canny preprocessor",
         "size": size, "dtype": str(dtype).replace("torch.", ""), "build_s": round(time.perf_counter() - t0, 1),
         "rows": [], "errors": [], "skipped": []}
     engines = args.engines.split(",")
-    configs = [c for c in CONFIGS if not args.configs or c[0] in args.configs.split(",")]
+    configs = [c for c in CONFIGS if c[0] in (args.configs.split(",") if args.configs else BASE_CONFIGS)]
 
     def save():
         write_results(result, args.out)
 
-    def stream_pass(engine):
-        for cfg in configs:
+    def stream_pass(engine, cfgs=configs, options_name="default"):
+        for cfg in cfgs:
+            label = f"{cfg[0]} / {engine} / {options_name}"
             if time.perf_counter() - t0 > args.budget_s:
-                result["skipped"].append(f"{cfg[0]} / {engine}: over the {args.budget_s:.0f} s budget")
+                result["skipped"].append(f"{label}: over the {args.budget_s:.0f} s budget")
                 continue
             try:
-                row = bench_stream(pipe, taesd, cfg, engine, args, device, size)
+                row = bench_stream(models, cfg, engine, args, device, size, options_name)
                 result["rows"].append(row)
                 print(json.dumps(row), flush=True)
             except Exception as err:  # noqa: BLE001 - record and go on: partial results are still results
-                result["errors"].append(f"{cfg[0]} / {engine}: {type(err).__name__}: {err}")
+                result["errors"].append(f"{label}: {type(err).__name__}: {str(err)[:300]}")
                 traceback.print_exc()
             save()
             gc.collect()  # a stream and its captured graph form a reference cycle
@@ -236,6 +354,28 @@ def run_speed(args) -> dict:
         diffusers_pass()
     if "compile" in engines:
         stream_pass("compile")
+    option_cfgs = [c for c in CONFIGS if c[0] in (args.option_configs or "img2img-1step-b4").split(",")]
+    for options_name in [o for o in (args.options or "").split(",") if o and o != "default"]:
+        stream_pass(engines[-1], option_cfgs, options_name)
+    if args.profile:
+        result["profile"] = []
+        seen = set()
+        for cfg in configs:  # one profile per model, at its largest batch
+            model = cfg[5] if len(cfg) > 5 else "base"
+            if model in seen or cfg[3] < max(c[3] for c in configs if (c[5] if len(c) > 5 else "base") == model):
+                continue
+            seen.add(model)
+            if time.perf_counter() - t0 > args.budget_s + 60:
+                result["skipped"].append(f"profile {cfg[0]}: over the budget")
+                continue
+            try:
+                entry = profile_stream(models, cfg, engines[-1], args, device, size)
+                result["profile"].append(entry)
+                print(json.dumps(entry), flush=True)
+            except Exception as err:  # noqa: BLE001
+                result["errors"].append(f"profile {cfg[0]}: {type(err).__name__}: {str(err)[:300]}")
+                traceback.print_exc()
+            save()
     result["ratios"] = ratios(result["rows"])
     result["total_s"] = round(time.perf_counter() - t0, 1)
     save()
@@ -247,7 +387,7 @@ def ratios(rows: list[dict]) -> dict:
     out = {}
     for batch in (1, 4):
         base = [r for r in rows if r["config"] == f"diffusers-img2img-1step-b{batch}"]
-        ours = [r for r in rows if r["config"] == f"img2img-1step-b{batch}"]
+        ours = [r for r in rows if r["config"] == f"img2img-1step-b{batch}" and r.get("options") == "default"]
         if base and ours:
             best = max(ours, key=lambda r: r["frames_per_s"])
             out[f"img2img-1step-b{batch}"] = {"paradiff_engine": best["engine"],
@@ -334,6 +474,10 @@ def write_results(result: dict, out: str | None, stem: str = "stream-bench") -> 
         lines.append("|" + "---|" * len(keys))
         for row in rows:
             lines.append("| " + " | ".join(str(row.get(k, "")) for k in keys) + " |")
+    for entry in result.get("profile", []):
+        lines += ["", f"profile {entry['config']} ({entry['engine']}, {entry['time']} time): "
+                      f"{entry['ms_per_call']} ms per call", "", "| component | ms per call | share |", "|---|---|---|"]
+        lines += [f"| {k} | {v} | {entry['share'].get(k, '')} |" for k, v in entry["ms_by_component"].items()]
     for key in ("ratios", "errors", "skipped"):
         if result.get(key):
             lines += ["", f"{key}: `{json.dumps(result[key])}`"]
@@ -346,6 +490,12 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--tiny", action="store_true", help="toy pipeline (CPU ok): tests this script")
     p.add_argument("--arch", default="sd-turbo")
+    p.add_argument("--sdxl-arch", default="sdxl-turbo", help="the model of the sdxl-* configs (+ TAESDXL)")
+    p.add_argument("--options", default=None, help="engine option sets, comma-separated, each '+'-joined: default, "
+                                                    "channels_last, attention=flash|efficient|cudnn|math, float8, step")
+    p.add_argument("--option-configs", default=None, help="configs the option sets run on (default img2img-1step-b4)")
+    p.add_argument("--profile", action="store_true", help="kernel time per component (torch.profiler)")
+    p.add_argument("--suite", choices=sorted(SUITE), default=None, help="a preset of configs, engines and options")
     p.add_argument("--size", type=int, default=None)
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
@@ -363,6 +513,9 @@ def main(argv=None) -> int:
     p.add_argument("--filter-threshold", type=float, default=0.98)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
+    for key, value in SUITE.get(args.suite, {}).items():  # a suite fills what was not given
+        if getattr(args, key) in (None, False):
+            setattr(args, key, value)
     if args.fidelity:
         run_fidelity(args)
         return 0

@@ -45,8 +45,12 @@ def _frames(n, f, size=64, seed=0):
 
 
 @torch.no_grad()
-def _direct(pipe, frames, t_index, mode, noise, scale, delta, prompt, negative, txt=False):
-    """One frame at a time, one UNet call per step (and per negative), straight from the paper's formulas."""
+def _direct(pipe, frames, t_index, mode, noise, scale, delta, prompt, negative, txt=False, vae=None, control=None):
+    """One frame at a time, one UNet call per step (and per negative), straight from the paper's formulas.
+
+    SDXL pipes get their added conditioning (pooled embeddings, time ids) as diffusers' pipelines make it;
+    control=(controlnet, maps, scale) runs diffusers' ControlNet before each UNet call, maps[call][frame] being
+    that frame's (1, 3, H, W) control map."""
     sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
     sched.set_timesteps(50)
     ts = [int(round(float(sched.timesteps[i]))) for i in t_index]
@@ -58,36 +62,52 @@ def _direct(pipe, frames, t_index, mode, noise, scale, delta, prompt, negative, 
     else:
         cs, co = [0.0] * len(ts), [1.0] * len(ts)
     v_pred = sched.config.prediction_type == "v_prediction"
-    cond, uncond = pipe.encode_prompt(prompt, "cpu", 1, True, negative_prompt=negative)
-    vae, k, f = pipe.vae, len(ts), frames[0].shape[0]
+    encoded = pipe.encode_prompt(prompt=prompt, device="cpu", num_images_per_prompt=1,
+                                 do_classifier_free_guidance=True, negative_prompt=negative)
+    cond, uncond = encoded[:2]
+    pooled = encoded[2:] if len(encoded) == 4 else None
+    vae, k, f = vae or pipe.vae, len(ts), frames[0].shape[0]
+    size = frames[0].shape[1:3]
+    tiny = type(vae).__name__ == "AutoencoderTiny"
 
-    def eps(x, j, emb):
-        out = pipe.unet(x, ts[j], encoder_hidden_states=emb).sample
+    def eps(x, j, emb, p=0, c=0, neg=False):
+        kwargs = {}
+        if pooled is not None:
+            time_ids = torch.tensor([[*size, 0, 0, *size]], dtype=x.dtype)
+            kwargs["added_cond_kwargs"] = {"text_embeds": pooled[1 if neg else 0][p % len(pooled[0])][None],
+                                           "time_ids": time_ids}
+        if control is not None:
+            net, maps, cn_scale = control
+            down, mid = net(x, ts[j], encoder_hidden_states=emb, controlnet_cond=maps[c][p], conditioning_scale=cn_scale,
+                            return_dict=False, **kwargs)
+            kwargs.update(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+        out = pipe.unet(x, ts[j], encoder_hidden_states=emb, **kwargs).sample
         return a[j] * out + b[j] * x if v_pred else out
 
     results = []
-    for batch in frames:
+    for c, batch in enumerate(frames):
         outs = []
         for p in range(f):
             if txt:
                 x0_in = torch.zeros_like(noise[:1])
                 x = noise[p:p + 1]
             else:
-                img = torch.from_numpy(batch[p]).permute(2, 0, 1)[None].double() / 127.5 - 1
-                x0_in = vae.encode(img).latent_dist.mode() * vae.config.scaling_factor
+                img = torch.from_numpy(batch[p]).permute(2, 0, 1)[None].to(noise.dtype) / 127.5 - 1
+                encoded_img = vae.encode(img)
+                x0_in = (encoded_img.latents if tiny else encoded_img.latent_dist.mode()) * vae.config.scaling_factor
                 x = a[0] * x0_in + b[0] * noise[p:p + 1]
             x_neg = x0_in
             c_p, u_p = cond[p % len(cond)][None], uncond[p % len(uncond)][None]
             for j in range(k):
-                e_c = eps(x, j, c_p)
+                e_c = eps(x, j, c_p, p, c)
                 if mode == "none":
                     e = e_c
                 else:
                     if mode == "full":
-                        e_u = eps(x, j, u_p)
+                        e_u = eps(x, j, u_p, p, c, neg=True)
                     else:
                         if mode == "initialize" and j == 0:
-                            x_neg = (x - b[0] * eps(x, 0, u_p)) / a[0]
+                            x_neg = (x - b[0] * eps(x, 0, u_p, p, c, neg=True)) / a[0]
                         e_u = delta * (x - a[j] * x_neg) / b[j]
                     e = e_u + scale * (e_c - e_u)
                 x0 = co[j] * (x - b[j] * e) / a[j] + cs[j] * x
@@ -105,17 +125,22 @@ def _max_diff(x, y):
 
 @pytest.mark.parametrize("mode", ["none", "self", "initialize", "full"])
 def test_stream_batch_equals_per_frame_computation(lcm_pipe, mode):
+    check_stream_batch(lcm_pipe, mode)
+
+
+def check_stream_batch(pipe, mode):
+    """A 3-step stream of 2 frames per call against `_direct`, lag included (also used by the SDXL tests)."""
     from paradiff import StreamPipeline
 
     f, k = 2, len(T_INDEX)
     frames = _frames(4, f)
-    stream = StreamPipeline(lcm_pipe, T_INDEX, guidance=mode, delta=0.8, frame_buffer_size=f, warm_start=False)
+    stream = StreamPipeline(pipe, T_INDEX, guidance=mode, delta=0.8, frame_buffer_size=f, warm_start=False)
     stream.prepare(["a red circle", "a blue square"], negative_prompt="green", guidance_scale=1.7, seed=3)
     with NoScalarReads():  # capturable in a CUDA graph: no scalar reads anywhere in the step
         stream.txt2img() if mode == "full" else stream(torch.from_numpy(frames[0]))
     stream.reset()
     outs = [stream(fr) for fr in frames]
-    want = _direct(lcm_pipe, frames, T_INDEX, mode, stream._noise, 1.7, 0.8, ["a red circle", "a blue square"],
+    want = _direct(pipe, frames, T_INDEX, mode, stream._noise, 1.7, 0.8, ["a red circle", "a blue square"],
                    ["green", "green"])
     # call c gives back the frames of call c-(k-1): a lag of k-1 calls
     for c in range(k - 1, len(frames)):
@@ -226,3 +251,28 @@ def test_frame_kinds_and_bad_inputs(lcm_pipe):
         StreamPipeline(lcm_pipe, [20], similarity_filter=1.5)
     with pytest.raises(UserError, match="one per frame"):
         StreamPipeline(lcm_pipe, [20], frame_buffer_size=2).prepare(["a", "b", "c"])
+
+
+def test_engine_options_keep_the_frames(lcm_pipe):
+    """channels-last, a pinned attention backend and the whole step compiled give the default step's frames."""
+    import copy
+
+    from paradiff import StreamPipeline
+
+    frames = _frames(3, 1, seed=7)
+    plain = StreamPipeline(lcm_pipe, [30, 45], guidance="self")
+    plain.prepare("a circle", seed=1)
+    want = [plain(fr[0]) for fr in frames]
+    pipe = copy.deepcopy(lcm_pipe)  # channels-last changes the modules' memory format in place
+    fast = StreamPipeline(pipe, [30, 45], guidance="self", channels_last=True, attention="math",
+                          compile={"backend": "eager"}, compile_scope="step")
+    assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    fast.prepare("a circle", seed=1)
+    for fr, w in zip(frames, want):
+        assert _max_diff(fast(fr[0]), w) <= 1
+    with pytest.raises(UserError, match="attention must be one of"):
+        StreamPipeline(lcm_pipe, [30], attention="fast")
+    with pytest.raises(UserError, match="compile_scope must be one of"):
+        StreamPipeline(lcm_pipe, [30], compile_scope="all")
+    with pytest.raises(UserError, match="float8=True needs"):
+        StreamPipeline(pipe, [30], float8=True)

@@ -209,6 +209,36 @@ def test_cli_stream_folder_to_folder(tmp_path, capsys):
     assert main(["stream", "--tiny", "--input", str(frames), "--prompt", "x"]) == 2
 
 
+def test_cli_stream_with_controlnet_lora_and_sdxl(tmp_path, capsys):
+    """--controlnet (a derived map, or a fixed --control-image), --lora with a live scale, --tiny sdxl; a LoRA for
+    another model and a ControlNet without maps are one line each."""
+    from PIL import Image
+
+    from paradiff.cli import main
+    from test_stream_lora import _make_lora
+
+    frames = tmp_path / "in"
+    frames.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((64, 64, 3), 60 * i, np.uint8)).save(frames / f"{i:02d}.png")
+    Image.fromarray(np.eye(64, dtype=np.uint8)[..., None].repeat(3, 2) * 255).save(tmp_path / "edges.png")
+    lora = _make_lora(tmp_path / "lora", 1)
+    common = ["stream", "--input", str(frames), "--prompt", "a red square", "--t-index", "30,45", "--device", "cpu"]
+    assert main(common + ["--tiny", "-o", str(tmp_path / "a"), "--controlnet", "random", "--control-preprocessor",
+                          "canny", "--controlnet-scale", "0.5", "--lora", lora, "--lora-scale", "0.7"]) == 0
+    assert len(list((tmp_path / "a").glob("frame_*.png"))) == 3
+    assert main(common + ["--tiny", "sdxl", "-o", str(tmp_path / "b"), "--controlnet", "random", "--control-image",
+                          str(tmp_path / "edges.png"), "--tiny-vae", "random"]) == 0
+    assert len(list((tmp_path / "b").glob("frame_*.png"))) == 3
+    capsys.readouterr()
+    for extra, message in ((["--controlnet", "random"], "--controlnet needs each frame's control map"),
+                           (["--lora", _make_lora(tmp_path / "other", 2, other=True)], "--lora "),
+                           (["--control-preprocessor", "canny"], "--control-preprocessor needs a --controlnet")):
+        assert main(common + ["--tiny", "-o", str(tmp_path / "c")] + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+
+
 def test_io_errors_name_the_source_and_the_cli_the_flag(tmp_path, capsys):
     """`open_source`/`open_sink` speak of the source and the sink; `paradiff stream` of --input and -o."""
     from PIL import Image
@@ -238,7 +268,7 @@ def test_host_frames_are_filtered_on_the_host_and_skips_cost_no_step():
     stream.prepare("a red circle")
     calls = []
     step = stream._img2img.fn
-    stream._img2img.fn = lambda: calls.append(1) or step()
+    stream._img2img.fn = lambda *args: calls.append(1) or step(*args)
     rng = np.random.default_rng(2)
     clip = _static(12, rng) + _moving(3, rng)
     outs = []

@@ -1,5 +1,6 @@
-"""The browser demo: websocket protocol (frames, live prompt changes, rejected messages that do not end the
-session) with FastAPI's test client, and the real page end to end in headless Chromium with a fake camera."""
+"""The browser demo: websocket protocol (frames, live prompt and ControlNet-scale changes, rejected messages that do
+not end the session) with FastAPI's test client, and the real page end to end in headless Chromium with a fake
+camera."""
 
 import io
 import os
@@ -21,9 +22,12 @@ pytest.importorskip("fastapi")
 @pytest.fixture(scope="module")
 def stream():
     from paradiff import StreamPipeline
+    from paradiff.stream.tiny import tiny_controlnet
     from support.models import tiny_stream_pipeline
 
-    s = StreamPipeline(tiny_stream_pipeline(), [30, 45], guidance="initialize")
+    pipe = tiny_stream_pipeline()
+    s = StreamPipeline(pipe, [30, 45], guidance="initialize", controlnet=tiny_controlnet(pipe.unet),
+                       control_preprocessor="canny")
     s.prepare("a red circle", negative_prompt="blurry")
     return s
 
@@ -53,6 +57,7 @@ def test_websocket_protocol_and_bad_messages(stream):
         with client.websocket_connect("/ws") as ws:
             ready = ws.receive_json()
             assert ready["type"] == "ready" and (ready["height"], ready["width"]) == (64, 64)
+            assert ready["controlnet_scale"] == [1.0]
             ws.send_bytes(_jpeg())  # any size: cropped and resized to the stream's
             out = _image(ws.receive_bytes())
             assert out.size == (64, 64) and out.format == "JPEG"
@@ -70,10 +75,35 @@ def test_websocket_protocol_and_bad_messages(stream):
             ws.send_json({"prompt": "a blue star"})
             assert ws.receive_json() == {"type": "prompt", "prompt": "a blue star"}
             assert stream.prompt == ["a blue star"] and stream.negative_prompt == ["blurry"]
+            ws.send_json({"controlnet_scale": 0.5})
+            assert ws.receive_json() == {"type": "scale", "controlnet_scale": [0.5]}
+            assert stream.controlnet_scale == [0.5]
+            ws.send_json({"controlnet_scale": [0.5, 1.0]})  # this stream has one ControlNet
+            assert "one number per ControlNet (1)" in ws.receive_json()["message"] and stream.controlnet_scale == [0.5]
+            ws.send_json({"controlnet_scale": "strong"})
+            assert "controlnet_scale must be a number" in ws.receive_json()["message"]
             ws.send_bytes(_jpeg(value=30))  # still serving after the rejected messages
             assert _image(ws.receive_bytes()).size == (64, 64)
         health = client.get("/health").json()
-        assert health["frames"] == 2 and health["rejected"] == 4 and health["prompt"] == "a blue star"
+        assert health["frames"] == 2 and health["rejected"] == 6 and health["prompt"] == "a blue star"
+    stream.set_controlnet_scale(1.0)
+
+
+def test_controlnet_scale_on_a_stream_without_one_is_rejected():
+    from fastapi.testclient import TestClient
+
+    from paradiff import StreamPipeline
+    from paradiff.stream.web import create_app
+    from support.models import tiny_stream_pipeline
+
+    plain = StreamPipeline(tiny_stream_pipeline(), [45])
+    plain.prepare("a red circle")
+    with TestClient(create_app(plain)) as client, client.websocket_connect("/ws") as ws:
+        assert ws.receive_json()["controlnet_scale"] == []
+        ws.send_json({"controlnet_scale": 1.0})
+        assert "no ControlNet" in ws.receive_json()["message"]
+        ws.send_bytes(_jpeg(value=90))
+        assert _image(ws.receive_bytes()).size == (64, 64)
 
 
 def _free_port():
@@ -131,6 +161,11 @@ def test_browser_page_with_fake_camera(stream):
         driver.find_element(By.ID, "apply").click()
         wait.until(lambda d: d.find_element(By.ID, "current").text == "a green triangle")
         assert stream.prompt == ["a green triangle"]
+        assert driver.find_element(By.ID, "controlnet").is_displayed()
+        driver.execute_script("const s = document.getElementById('cnscale'); s.value = '0.25';"
+                              "s.dispatchEvent(new Event('change'));")  # what moving the slider does
+        wait.until(lambda d: d.find_element(By.ID, "cnvalue").text == "0.25")
+        assert stream.controlnet_scale == [0.25]
         seen = int(driver.find_element(By.ID, "received").text)
         wait.until(lambda d: int(d.find_element(By.ID, "received").text) >= seen + 2)  # frames keep coming
         assert driver.find_element(By.ID, "error").text == ""

@@ -26,6 +26,7 @@ SHIPPED = (
     "sd-turbo",
     "sdxl-turbo",
     "taesd",
+    "taesdxl",
     "stable-diffusion-inpainting",
     "stable-diffusion-xl-1.0-inpainting-0.1",
     "stable-diffusion-x4-upscaler",

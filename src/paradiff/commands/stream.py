@@ -9,16 +9,22 @@ from paradiff.commands.common import (SaidWithFlag, add_model_args, float_betwee
                                       non_negative_int, positive_int)
 
 
-def t_index_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.replace(" ", "").split(",") if v != ""]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated step indices like 32,45; got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("give at least one step index, e.g. 32,45")
-    return values
+def _number_list(cast, what: str, example: str):
+    """An argparse type: comma-separated numbers (`cast` each), at least one."""
+    def parse(text: str) -> list:
+        try:
+            values = [cast(v) for v in text.replace(" ", "").split(",") if v != ""]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what} like {example}; got {text!r}") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"give at least one of the {what}, e.g. {example}")
+        return values
+
+    return parse
 
 
+t_index_list = _number_list(int, "step indices", "32,45")
+scales = _number_list(float, "scales", "0.8,1.0")
 threshold = float_between(0, 1, "a number between 0 and 1", "e.g. 0.98")
 
 
@@ -41,7 +47,8 @@ def add_parser(sub) -> None:
     p.add_argument("--negative-prompt", default="")
     add_model_args(p)
     p.add_argument("--arch", default=None, help="build this architecture with RANDOM weights (speed only), e.g. sd-turbo")
-    p.add_argument("--tiny", action="store_true", help="a tiny random-weight pipeline (smoke tests)")
+    p.add_argument("--tiny", nargs="?", const="sd", default=None, choices=("sd", "sdxl"),
+                   help="a tiny random-weight pipeline (smoke tests): sd (default) or sdxl")
     p.add_argument("--tiny-vae", default=None,
                    help="an AutoencoderTiny (TAESD) folder to encode/decode with; 'random' for random TAESD weights")
     p.add_argument("--t-index", type=t_index_list, default=[32, 45],
@@ -57,6 +64,20 @@ def add_parser(sub) -> None:
     p.add_argument("--max-skip-frames", type=non_negative_int, default=10)
     p.add_argument("--size", type=image_size, default=None, help="stream size N or HxW (default: the model's)")
     p.add_argument("--seed", type=non_negative_int, default=2)
+    control = p.add_argument_group("ControlNet and LoRA")
+    control.add_argument("--controlnet", action="append", default=None, metavar="FOLDER|random",
+                         help="a diffusers ControlNet folder or hub id ('random': random weights shaped after the "
+                              "UNet, speed only); repeat for several")
+    control.add_argument("--control-image", action="append", default=None, metavar="FILE",
+                         help="a control map used for every frame, one per --controlnet (default: derived from each "
+                              "frame by --control-preprocessor)")
+    control.add_argument("--control-preprocessor", action="append", default=None, choices=("canny", "sobel", "none"),
+                         help="derive each frame's control map on the GPU (one per --controlnet, or one for all)")
+    control.add_argument("--controlnet-scale", type=scales, default=[1.0],
+                         help="ControlNet conditioning scale(s), comma-separated per ControlNet (default 1.0)")
+    control.add_argument("--lora", default=None, metavar="PATH", help="a diffusers LoRA (folder, file or hub id)")
+    control.add_argument("--lora-scale", type=float, default=1.0, help="LoRA scale (default 1.0)")
+    control.add_argument("--fuse-lora", action="store_true", help="fuse the LoRA into the weights (no live changes)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet and VAE (GPU; slow first frame)")
     p.add_argument("--no-cuda-graph", action="store_true", help="run the step eagerly on a GPU")
     p.set_defaults(run=run)
@@ -70,7 +91,7 @@ def _load(args, device, dtype):
     if args.tiny:
         from paradiff.stream.tiny import tiny_pipeline
 
-        return tiny_pipeline(device=device, dtype=dtype)
+        return tiny_pipeline(device=device, dtype=dtype, family=args.tiny)
     if args.arch:
         from paradiff.archs import build_pipeline
 
@@ -88,13 +109,13 @@ def _load(args, device, dtype):
     return pipe.to(device)
 
 
-def _tiny_vae(spec, device, dtype):
+def _tiny_vae(spec, device, dtype, sdxl=False):
     if spec is None:
         return None
     if spec == "random":
         from paradiff.archs import build_model
 
-        return build_model("taesd", "vae", dtype=dtype, device=device)
+        return build_model("taesdxl" if sdxl else "taesd", "vae", dtype=dtype, device=device)
     from diffusers import AutoencoderTiny
 
     from paradiff.errors import UserError
@@ -104,22 +125,104 @@ def _tiny_vae(spec, device, dtype):
     return AutoencoderTiny.from_pretrained(spec, torch_dtype=dtype).to(device)
 
 
+def _controlnets(args, pipe, device, dtype) -> list:
+    """The --controlnet models: loaded, or random ones shaped after the UNet."""
+    from paradiff.errors import UserError
+    from paradiff.stream.tiny import random_controlnet
+
+    nets = []
+    for i, spec in enumerate(args.controlnet or []):
+        if spec == "random":
+            nets.append(random_controlnet(pipe.unet, seed=i, tiny=bool(args.tiny)))
+            continue
+        from diffusers import ControlNetModel
+
+        with SaidWithFlag(f"controlnet={spec!r}", f"--controlnet {spec}"):
+            try:
+                nets.append(ControlNetModel.from_pretrained(spec, torch_dtype=dtype).to(device))
+            except (OSError, ValueError) as err:
+                raise UserError(f"controlnet={spec!r}: not a diffusers ControlNet folder or hub id "
+                                f"({type(err).__name__}).") from None
+    return nets
+
+
+def _control_images(args, size) -> list | None:
+    """--control-image files, fitted to the stream's size like the frames."""
+    if not args.control_image:
+        return None
+    import numpy as np
+    from PIL import Image
+
+    from paradiff.errors import UserError
+    from paradiff.stream.io import _fit
+
+    images = []
+    for path in args.control_image:
+        if not os.path.isfile(path):
+            raise UserError(f"--control-image {path}: no such file.")
+        with Image.open(path) as image:
+            images.append(_fit(np.asarray(image.convert("RGB")), size))
+    return images
+
+
+def _check_control_flags(args) -> None:
+    from paradiff.errors import UserError
+
+    n = len(args.controlnet or [])
+    for flag, values in (("--control-image", args.control_image), ("--control-preprocessor", args.control_preprocessor)):
+        if values and not n:
+            raise UserError(f"{flag} needs a --controlnet.")
+    if args.control_image and len(args.control_image) != n:
+        raise UserError(f"give one --control-image per --controlnet ({n}), got {len(args.control_image)}.")
+    if args.control_preprocessor and len(args.control_preprocessor) not in (1, n):
+        raise UserError(f"give one --control-preprocessor, or one per --controlnet ({n}).")
+    if n and not args.control_image and not args.control_preprocessor:
+        raise UserError("--controlnet needs each frame's control map: give --control-image (a fixed map) or "
+                        "--control-preprocessor canny (derived from each frame).")
+    if len(args.controlnet_scale) not in (1, max(n, 1)):
+        raise UserError(f"give one --controlnet-scale, or one per --controlnet ({n}).")
+    if args.fuse_lora and not args.lora:
+        raise UserError("--fuse-lora needs a --lora.")
+
+
 def build_stream(args):
     """The prepared StreamPipeline that the flags describe."""
     from paradiff import runtime
     from paradiff.pipelines import torch_dtype
     from paradiff.stream import StreamPipeline
+    from paradiff.stream import lora as lora_mod
 
+    _check_control_flags(args)
     rt = runtime.init(args.device)
     dtype = torch_dtype(args.dtype, rt.device)
     pipe = _load(args, rt.device, dtype)
+    if args.lora:
+        with SaidWithFlag(f"LoRA {args.lora!r}", f"--lora {args.lora}"):
+            lora_mod.load(pipe, args.lora, adapter="lora")
+        if args.fuse_lora:
+            pipe.fuse_lora(lora_scale=args.lora_scale)
     height, width = args.size if args.size else (None, None)
+    nets = _controlnets(args, pipe, rt.device, dtype)
+    n = len(nets)
+    preprocessors = [None if p == "none" else p for p in (args.control_preprocessor or [None])]
     stream = StreamPipeline(
         pipe, args.t_index, guidance=args.guidance, delta=args.delta, frame_buffer_size=args.frame_buffer,
         similarity_filter=args.similarity_filter, max_skip_frames=args.max_skip_frames,
-        tiny_vae=_tiny_vae(args.tiny_vae, rt.device, dtype), num_inference_steps=args.steps, height=height,
-        width=width, cuda_graph=False if args.no_cuda_graph else None, compile=args.compile,
+        tiny_vae=_tiny_vae(args.tiny_vae, rt.device, dtype, sdxl=hasattr(pipe, "text_encoder_2")),
+        num_inference_steps=args.steps, height=height, width=width,
+        cuda_graph=False if args.no_cuda_graph else None, compile=args.compile,
+        controlnet=nets or None, control_preprocessor=(preprocessors * n if len(preprocessors) == 1 else preprocessors)
+        if n else None, controlnet_scale=(args.controlnet_scale * n if len(args.controlnet_scale) == 1 else
+                                          args.controlnet_scale) if n else 1.0,
     )
+    if args.lora and not args.fuse_lora:
+        stream.set_lora_scale(args.lora_scale)
+    images = _control_images(args, (stream.height, stream.width))
+    if images is not None:
+        import numpy as np
+
+        batch = [images[i] if args.frame_buffer == 1 else np.stack([images[i]] * args.frame_buffer) for i in range(n)]
+        stream.set_control_image(batch[0] if n == 1 else batch)
     stream.prepare(args.prompt, negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale,
                    seed=args.seed)
     return stream

@@ -31,42 +31,42 @@ def _one(frame: Any) -> torch.Tensor:
     return frame
 
 
-def _check(t: torch.Tensor, height: int, width: int) -> None:
+def _check(t: torch.Tensor, height: int, width: int, what: str = "frame") -> None:
     if t.dtype != torch.uint8:
-        raise UserError(f"frames must be uint8 (0..255) HxWx3 images, got dtype {str(t.dtype).replace('torch.', '')}.")
+        raise UserError(f"{what}s must be uint8 (0..255) HxWx3 images, got dtype {str(t.dtype).replace('torch.', '')}.")
     if t.dim() != 4 or t.shape[-1] != 3:
         shape = "x".join(str(s) for s in t.shape[1:]) if t.dim() == 4 else "x".join(str(s) for s in t.shape)
-        raise UserError(f"frames must be HxWx3 RGB images, got shape {shape}.")
+        raise UserError(f"{what}s must be HxWx3 RGB images, got shape {shape}.")
     if tuple(t.shape[1:3]) != (height, width):
         h, w = t.shape[1:3]
         raise UserError(
-            f"frame is {h}x{w} (HxW) but the stream is set up for {height}x{width}; resize the frames or build the "
-            f"stream with height={h}, width={w} (multiples of 8)."
+            f"{what} is {h}x{w} (HxW) but the stream is set up for {height}x{width}; resize the {what}s or build "
+            f"the stream with height={h}, width={w} (multiples of 8)."
         )
 
 
-def to_batch(frames: Any, count: int, height: int, width: int) -> tuple[torch.Tensor, str, bool]:
+def to_batch(frames: Any, count: int, height: int, width: int, what: str = "frame") -> tuple[torch.Tensor, str, bool]:
     """`count` frames as a uint8 (count, H, W, 3) tensor, plus the input kind ('pil'|'numpy'|'torch') and whether
     the input was a single unbatched frame (so the output can be given back the same way)."""
     kind = "pil" if type(frames).__module__.startswith("PIL") else "numpy" if isinstance(frames, np.ndarray) else "torch"
     if isinstance(frames, (list, tuple)):
         if not frames:
-            raise UserError(f"got an empty list of frames; give {count} frame(s).")
+            raise UserError(f"got an empty list of {what}s; give {count} {what}(s).")
         first = frames[0]
         kind = "pil" if type(first).__module__.startswith("PIL") else "numpy" if isinstance(first, np.ndarray) else "torch"
         parts = [_one(f) for f in frames]
         for p in parts:
             if p.dim() != 3:
-                raise UserError(f"each frame in a list must be HxWx3, got shape {'x'.join(map(str, p.shape))}.")
+                raise UserError(f"each {what} in a list must be HxWx3, got shape {'x'.join(map(str, p.shape))}.")
         batch, single = torch.stack(parts), False
     else:
         t = _one(frames)
         single = t.dim() == 3
         batch = t.unsqueeze(0) if single else t
-    _check(batch, height, width)
+    _check(batch, height, width, what)
     if batch.shape[0] != count:
         raise UserError(
-            f"got {batch.shape[0]} frame(s) but the stream takes {count} per call (frame_buffer_size={count})."
+            f"got {batch.shape[0]} {what}(s) but the stream takes {count} per call (frame_buffer_size={count})."
         )
     return batch, kind, single and count == 1
 

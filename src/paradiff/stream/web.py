@@ -2,10 +2,11 @@
 
 Protocol on /ws (one active client at a time: the stream's frame buffer holds one video's frames in flight):
 - client -> server: binary messages are encoded images (JPEG/PNG/WebP, any size: centre-cropped and resized to the
-  stream's size); text messages are JSON {"prompt": "...", "negative_prompt"?: "...", "guidance_scale"?: 1.2}.
-- server -> client: binary messages are JPEG outputs; text messages are JSON {"type": "ready"|"prompt"|"dropped"|
-  "error", ...}. A bad message (too large, not an image, bad JSON, empty prompt) gets an "error" reply and the
-  connection carries on.
+  stream's size); text messages are JSON {"prompt"?: "...", "negative_prompt"?: "...", "guidance_scale"?: 1.2,
+  "controlnet_scale"?: 0.8 (or one number per ControlNet)}, at least one of prompt and the scales.
+- server -> client: binary messages are JPEG outputs; text messages are JSON {"type": "ready"|"prompt"|"scale"|
+  "dropped"|"error", ...}. A bad message (too large, not an image, bad JSON, empty prompt, a ControlNet scale for a
+  stream without one or of the wrong length) gets an "error" reply and the connection carries on.
 GPU work runs in one worker thread, so frames and prompt changes are applied in order and the event loop stays
 free; at most one frame waits (the newest: older ones are dropped and reported).
 """
@@ -56,21 +57,35 @@ def _current_prompt(stream: Any) -> str:
     return stream.prompt[0] if stream.prompt else ""
 
 
-def _parse_control(text: str | None) -> tuple[str, str | None, float | None]:
-    """(prompt, negative_prompt, guidance_scale) of a JSON control message; ValueError/KeyError/TypeError if bad."""
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _parse_control(text: str | None) -> dict:
+    """The changes a JSON control message asks for (prompt, negative_prompt, guidance_scale, controlnet_scale);
+    ValueError/KeyError/TypeError if bad."""
     request = json.loads(text or "")
-    prompt = request["prompt"]
-    negative = request.get("negative_prompt")
-    scale = request.get("guidance_scale")
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError("prompt must be a non-empty string")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise ValueError(f"prompt longer than {MAX_PROMPT_CHARS} characters")
-    if negative is not None and not isinstance(negative, str):
+    if not isinstance(request, dict):
+        raise ValueError("a control message is a JSON object")
+    unknown = set(request) - {"prompt", "negative_prompt", "guidance_scale", "controlnet_scale"}
+    if unknown:
+        raise ValueError(f"unknown keys {sorted(unknown)}")
+    if "prompt" not in request and "controlnet_scale" not in request and "guidance_scale" not in request:
+        raise KeyError("prompt")
+    prompt = request.get("prompt")
+    if prompt is not None or "prompt" in request:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("prompt must be a non-empty string")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise ValueError(f"prompt longer than {MAX_PROMPT_CHARS} characters")
+    if request.get("negative_prompt") is not None and not isinstance(request["negative_prompt"], str):
         raise ValueError("negative_prompt must be a string")
-    if scale is not None and not isinstance(scale, (int, float)):
+    if request.get("guidance_scale") is not None and not _number(request["guidance_scale"]):
         raise ValueError("guidance_scale must be a number")
-    return prompt, negative, scale
+    cn = request.get("controlnet_scale")
+    if cn is not None and not (_number(cn) or (isinstance(cn, list) and cn and all(_number(v) for v in cn))):
+        raise ValueError("controlnet_scale must be a number or a list of numbers")
+    return request
 
 
 @dataclass
@@ -88,11 +103,18 @@ class _Demo:
         """One encoded frame in, one JPEG out (runs on the worker thread)."""
         return _encode(self.stream(_decode(data, (self.stream.height, self.stream.width))))
 
-    def change_prompt(self, prompt: str, negative: str | None, scale: float | None) -> None:
-        """Apply a control message (on the worker thread, so it lands between frames)."""
-        self.stream.update_prompt(prompt, negative)
-        if scale is not None:
-            self.stream.set_guidance_scale(scale)
+    def change(self, request: dict) -> None:
+        """Apply a control message (on the worker thread, so it lands between frames); a UserError if the stream
+        cannot take it (checked first, so nothing is half applied)."""
+        cn = request.get("controlnet_scale")
+        if cn is not None and getattr(self.stream, "control", None) is None:
+            raise UserError("this stream has no ControlNet, so no controlnet_scale.")
+        if cn is not None:
+            self.stream.set_controlnet_scale(cn)
+        if request.get("prompt") is not None:
+            self.stream.update_prompt(request["prompt"], request.get("negative_prompt"))
+        if request.get("guidance_scale") is not None:
+            self.stream.set_guidance_scale(request["guidance_scale"])
 
     def health(self) -> dict:
         return {"ok": True, "prompt": _current_prompt(self.stream), **self.stats}
@@ -124,7 +146,8 @@ class _Session:
         stream = self.demo.stream
         await self.loop.run_in_executor(self.demo.worker, stream.reset)
         await self.ws.send_json({"type": "ready", "prompt": _current_prompt(stream), "width": stream.width,
-                                 "height": stream.height, "max_message_bytes": self.demo.max_message_bytes})
+                                 "height": stream.height, "max_message_bytes": self.demo.max_message_bytes,
+                                 "controlnet_scale": list(getattr(stream, "controlnet_scale", []))})
         task = asyncio.create_task(self.pump())
         try:
             while True:
@@ -175,14 +198,21 @@ class _Session:
         self.waiting.put_nowait(data)
 
     async def control(self, text: str | None) -> None:
-        """Change the prompt (and guidance scale) between frames, and confirm it."""
+        """Change the prompt (and the guidance / ControlNet scales) between frames, and confirm it."""
         try:
-            prompt, negative, scale = _parse_control(text)
+            request = _parse_control(text)
         except (ValueError, KeyError, TypeError) as err:
             await self.reject(f"bad control message ({err}); send JSON like {{\"prompt\": \"...\"}}.")
             return
-        await self.loop.run_in_executor(self.demo.worker, self.demo.change_prompt, prompt, negative, scale)
-        await self.ws.send_json({"type": "prompt", "prompt": prompt})
+        try:
+            await self.loop.run_in_executor(self.demo.worker, self.demo.change, request)
+        except UserError as err:
+            await self.reject(str(err))
+            return
+        if request.get("prompt") is not None:
+            await self.ws.send_json({"type": "prompt", "prompt": request["prompt"]})
+        if request.get("controlnet_scale") is not None:
+            await self.ws.send_json({"type": "scale", "controlnet_scale": self.demo.stream.controlnet_scale})
 
 
 def create_app(stream: Any, *, max_message_bytes: int = MAX_MESSAGE_BYTES):

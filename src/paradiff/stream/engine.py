@@ -1,0 +1,58 @@
+"""Engine options of a stream step, for speed on a GPU; each is off by default and measured before it is kept.
+
+- `channels_last`: the UNet, ControlNets and VAE in NHWC memory format (cuDNN's fast convolution layout on tensor
+  cores); numerics unchanged up to kernel choice.
+- `attention`: one scaled-dot-product-attention backend for the step ("flash", "efficient", "cudnn", "math"),
+  through `torch.nn.attention.sdpa_kernel`; None lets PyTorch choose.
+- `float8`: the UNet's linear layers as float8 (torchao's dynamic-activation float8 weights): changes numerics,
+  needs a GPU with float8 (H100/H200) and torchao.
+- `compile_scope`: "modules" compiles the UNet/ControlNet/VAE calls; "step" compiles the whole step, so the uint8
+  pre- and post-processing and the scheduler arithmetic fuse into the same kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from paradiff.errors import UserError
+
+ATTENTION = ("flash", "efficient", "cudnn", "math")
+SCOPES = ("modules", "step")
+
+
+def check(attention: str | None, compile_scope: str) -> None:
+    if attention is not None and attention not in ATTENTION:
+        raise UserError(f"attention must be one of {', '.join(ATTENTION)} or None, got {attention!r}.")
+    if compile_scope not in SCOPES:
+        raise UserError(f"compile_scope must be one of {', '.join(SCOPES)}, got {compile_scope!r}.")
+
+
+def attention_context(attention: str | None):
+    """A context that pins the SDPA backend (a no-op for None)."""
+    if attention is None:
+        return contextlib.nullcontext
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+               "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[attention]
+    return lambda: sdpa_kernel([backend])
+
+
+def to_channels_last(modules: list[Any]) -> None:
+    for module in modules:
+        module.to(memory_format=torch.channels_last)
+
+
+def float8_linears(unet: Any) -> None:
+    """torchao float8 (dynamic activations, float8 weights) for the UNet's linear layers, in place."""
+    try:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, quantize_
+    except ImportError:
+        raise UserError("float8=True needs torchao (pip install torchao) with float8 support.") from None
+    if unet.device.type != "cuda":
+        raise UserError(f"float8=True needs the UNet on a CUDA GPU with float8 (H100/H200); it is on {unet.device}.")
+    quantize_(unet, Float8DynamicActivationFloat8WeightConfig(),
+              filter_fn=lambda module, name: isinstance(module, torch.nn.Linear))

@@ -49,7 +49,7 @@ def test_requests_are_validated_and_the_server_keeps_serving():
             bad = [
                 ({"prompt": "x", "size": "128x128"}, "is not served here; this server serves 32x48, 64x64"),
                 ({"prompt": "x", "colour": "red"}, "Extra inputs are not permitted"),
-                ({"prompt": "x", "image": "aGVsbG8="}, "not supported by this server yet"),
+                ({"prompt": "x", "image": "aGVsbG8="}, "which takes no input image"),
                 ({"prompt": "x", "n": 4, "response_format": "b64_json"}, "less than or equal to 3"),
                 ({"prompt": "x", "steps": 11}, "less than or equal to 10"),
                 ({"prompt": "x", "steps": "4"}, "valid integer"),
@@ -123,6 +123,119 @@ def test_requests_are_validated_and_the_server_keeps_serving():
         assert sample(samples, "paradiff_queue_depth") == 0 and sample(samples, "paradiff_ready") == 1
     finally:
         server.close()
+
+
+def _b64(image, format="PNG") -> str:
+    import base64
+
+    buf = io.BytesIO()
+    image.save(buf, format=format)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _noise(height, width, mode="RGB", seed=0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    shape = (height, width, 3) if mode == "RGB" else (height, width)
+    return Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode)
+
+
+def test_image_inputs_are_decoded_checked_and_reach_the_runner():
+    """img2img on a text-to-image model: the runner gets the exact pixels; every bad image is a 422 (never echoed
+    back) and the server keeps serving; the size comes from the image when not given."""
+    from paradiff.serve.inputs import PipelineInputs
+
+    runner = FakeRunner()
+    server = InProcessServer(runner, inputs=PipelineInputs("text-to-image", "StableDiffusionPipeline", img2img=True,
+                                                           strength=0.8))
+    picture = _noise(32, 48)
+    good = _b64(picture)
+    truncated = _b64(picture)[:400]
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            bad = [
+                ({"image": "%%%not base64%%%"}, "image is not valid base64"),
+                ({"image": "aGVsbG8gd29ybGQ="}, "image is not a PNG, JPEG or WebP image"),
+                ({"image": _b64(_noise(32, 48), "GIF")}, "image is not a PNG, JPEG or WebP image"),
+                ({"image": good, "size": "64x64"}, "image is 32x48 (HxW) but the output size is 64x64"),
+                ({"image": _b64(_noise(40, 40))}, "not a size this server serves (32x48, 64x64)"),
+                ({"image": truncated}, "image could not be decoded (OSError: truncated or corrupt?)"),
+                ({"mask": good}, "mask needs image"),
+                ({"image": good, "mask": good}, "mask is for inpainting models; this server's model is a "
+                                                "StableDiffusionPipeline (text to image)"),
+                ({"control_image": good}, "control_image needs a ControlNet model"),
+                ({"strength": 0.5}, "strength applies to an input image"),
+                ({"image": good, "strength": 0.2, "steps": 4}, "steps x strength (4 x 0.2) is less than one"),
+                ({"image": good, "strength": 1.5}, "less than or equal to 1"),
+                ({"init_image": good}, "init_image: this API calls it 'image'"),
+                ({"image": good, "controlnet_conditioning_scale": 1.0}, "needs control_image"),
+            ]
+            for extra, message in bad:
+                r = http.post("/v1/images", json={"prompt": "x", **extra})
+                assert r.status_code == 422 and message in r.text, (list(extra), r.status_code, r.text[:300])
+                assert len(r.content) < 2000  # the image is not echoed back
+            assert runner.calls == []
+            r = http.post("/v1/images", json={"prompt": "x", "image": "data:image/png;base64," + good, "seed": 3,
+                                              "strength": 0.5})
+            assert r.status_code == 200 and _image(r.content).size == (48, 32)  # the image's size, served
+            call = runner.calls[-1]
+            assert (call["height"], call["width"], call["strength"]) == (32, 48, 0.5)
+            assert np.array_equal(call["image"], np.asarray(picture)) and call.get("mask") is None
+            wrapped = "\n".join(good[i:i + 76] for i in range(0, len(good), 76))  # `base64` without -w0
+            jpeg = _b64(_noise(64, 64), "JPEG")
+            for image in (wrapped, jpeg):
+                assert http.post("/v1/images", json={"prompt": "x", "image": image}).status_code == 200
+            assert runner.calls[-1]["image"].shape == (64, 64, 3) and runner.calls[-1]["strength"] is None
+            assert http.post("/v1/images", json={"prompt": "still serving"}).status_code == 200
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("kind, given, message", [
+    ("inpainting", {"image": (32, 48)}, "(inpainting): give image and mask"),
+    ("inpainting", {}, "(inpainting): give image and mask"),
+    ("inpainting", {"image": (32, 48), "mask": (64, 64)}, "mask is 64x64 (HxW) but the output size is 32x48"),
+    ("inpainting", {"image": (32, 48), "mask": (32, 48)}, None),
+    ("controlnet", {}, "(ControlNet): give control_image"),
+    ("controlnet", {"image": (32, 48)}, "which takes no input image"),
+    ("controlnet", {"control_image": (64, 64)}, None),
+])
+def test_inpainting_and_controlnet_inputs_follow_the_model(kind, given, message):
+    from paradiff.serve.inputs import PipelineInputs
+
+    runner = FakeRunner()
+    server = InProcessServer(runner, inputs=PipelineInputs(kind, "SomePipeline", strength=1.0 if kind == "inpainting"
+                                                           else None))
+    body = {"prompt": "x", **{name: _b64(_noise(*size, "L" if name == "mask" else "RGB")) for name, size in
+                              given.items()}}
+    try:
+        r = httpx.post(server.url + "/v1/images", json=body, timeout=30)
+        if message is not None:
+            assert r.status_code == 422 and message in r.text, r.text[:300]
+            return
+        assert r.status_code == 200, r.text[:300]
+        call = runner.calls[-1]
+        for name, size in given.items():
+            assert call[name].shape == (*size, 1 if name == "mask" else 3)
+    finally:
+        server.close()
+
+
+def test_the_default_body_limit_fits_the_images_of_the_largest_size():
+    """A 1024x1024 noise PNG (incompressible: about the worst case) in base64 fits the default limit of an img2img
+    server; a text-only server keeps 64 KiB; the mask and control images add their room."""
+    from paradiff.serve.inputs import TEXT_BODY_BYTES, PipelineInputs, body_limit
+
+    sizes = [(512, 512), (1024, 1024)]
+    text_only = PipelineInputs("text-to-image", "P")
+    img2img = PipelineInputs("text-to-image", "P", img2img=True)
+    inpaint = PipelineInputs("inpainting", "P")
+    body = json.dumps({"prompt": "x" * 2000, "image": _b64(_noise(1024, 1024)), "strength": 0.5})
+    assert body_limit(sizes, text_only) == TEXT_BODY_BYTES
+    assert len(body) < body_limit(sizes, img2img) < 1.1 * len(body) + TEXT_BODY_BYTES
+    mask = _b64(_noise(1024, 1024, "L"))
+    assert len(body) + len(mask) < body_limit(sizes, inpaint) < body_limit(sizes, img2img) + 1.1 * len(mask)
 
 
 def _post_in_thread(url, body, results, key):

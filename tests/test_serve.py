@@ -238,6 +238,60 @@ def test_the_default_body_limit_fits_the_images_of_the_largest_size():
     assert len(body) + len(mask) < body_limit(sizes, inpaint) < body_limit(sizes, img2img) + 1.1 * len(mask)
 
 
+def _tiny_controlnet_pipeline():
+    """A tiny random StableDiffusionControlNetPipeline: the tiny SD pipeline and a ControlNet made from its UNet."""
+    import torch
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    from support.models import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline()
+    torch.manual_seed(1)
+    controlnet = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(16, 32))  # VAE x2
+    pipe = StableDiffusionControlNetPipeline(**pipe.components, controlnet=controlnet)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.controlnet):
+        module.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_a_controlnet_pipeline_takes_control_image_and_equals_the_pipeline_call():
+    """Served serially (method none, one rank): control_image is the ControlNet's conditioning; with image too it
+    is ControlNet image-to-image (from_pipe). Both equal diffusers' own calls with the same seed."""
+    from diffusers import StableDiffusionControlNetImg2ImgPipeline
+
+    from paradiff.commands.generate import generators, pipeline_kwargs
+    from paradiff.serve.server import make_runner, serving_pipelines
+
+    pipe = _tiny_controlnet_pipeline()
+    inputs, img2img = serving_pipelines(pipe)
+    assert (inputs.kind, inputs.img2img, inputs.image_fields()) == ("controlnet", True, ("image", "control_image"))
+    assert isinstance(img2img, StableDiffusionControlNetImg2ImgPipeline)
+    server = InProcessServer(make_runner(pipe, embedded_model=False, img2img=img2img), sizes=[(32, 32)], steps=2,
+                             inputs=inputs)
+    control, picture = _noise(32, 32, seed=1), _noise(32, 32, seed=2)
+    call = pipeline_kwargs(steps=2, size=(32, 32))
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            r = http.post("/v1/images", json={"prompt": "a red circle", "seed": 4, "control_image": _b64(control),
+                                              "controlnet_conditioning_scale": 0.7})
+            assert r.status_code == 200, r.text
+            expected = pipe("a red circle", image=control, controlnet_conditioning_scale=0.7, generator=generators(4),
+                            **call).images[0]
+            assert np.array_equal(np.asarray(_image(r.content)), np.asarray(expected))
+            r = http.post("/v1/images", json={"prompt": "a red circle", "seed": 5, "image": _b64(picture),
+                                              "control_image": _b64(control), "strength": 0.5})
+            assert r.status_code == 200, r.text
+            del call["height"], call["width"]
+            expected = img2img("a red circle", image=picture, control_image=control, strength=0.5,
+                               generator=generators(5), **call).images[0]
+            assert np.array_equal(np.asarray(_image(r.content)), np.asarray(expected))
+            r = http.post("/v1/images", json={"prompt": "x", "control_image": _b64(_noise(32, 32)), "mask": "eA=="})
+            assert r.status_code == 422 and "mask needs image" in r.text
+    finally:
+        server.close()
+
+
 def _post_in_thread(url, body, results, key):
     def post():
         with httpx.Client(base_url=url, timeout=60) as http:
@@ -432,16 +486,37 @@ def _generate_args(prompt, seed, guidance, negative, method="patch"):
     return build_parser().parse_args(argv)
 
 
+IMG2IMG = [(11, 0.6), (12, 1.0)]  # (seed, strength) of the image-to-image requests, from _picture()
+
+
+def _picture():
+    """The input picture of the image-to-image requests: a yellow disc on blue, 128x128."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (128, 128), (30, 60, 200))
+    ImageDraw.Draw(image).ellipse((24, 40, 88, 104), fill=(240, 220, 40))
+    return image
+
+
 def _generate_reference(specs):
-    """What `paradiff generate --method patch --nproc 2 ...` makes for each spec: generate's own functions."""
-    from paradiff.commands.generate import call_kwargs, generators, prepare_pipeline
+    """What `paradiff generate --method patch --nproc 2 ...` makes for each spec (generate's own functions), and
+    the image-to-image calls of IMG2IMG through `StableDiffusionImg2ImgPipeline.from_pipe` of that pipeline."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from paradiff.commands.generate import call_kwargs, generators, prepare_pipeline, pipeline_kwargs
 
     rt, pipe = prepare_pipeline(_generate_args(*specs[0]))
     images = []
     for spec in specs:
         args = _generate_args(*spec)
         images.append(np.asarray(pipe(args.prompt, generator=generators(args.seed), **call_kwargs(args)).images[0]))
-    return images if rt.is_main else None
+    img2img = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
+    changed = []
+    for seed, strength in IMG2IMG:
+        kwargs = pipeline_kwargs(steps=STEPS, embedded_model=True)
+        changed.append(np.asarray(img2img(specs[0][0], image=_picture(), strength=strength,
+                                          generator=generators(seed), **kwargs).images[0]))
+    return (images, changed) if rt.is_main else None
 
 
 def _body(spec, **extra):
@@ -484,10 +559,37 @@ def patch_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference():
+def references():
     from support.distributed import run_ranks
 
     return run_ranks(_generate_reference, 2, SPECS, timeout=300)[0]
+
+
+@pytest.fixture(scope="module")
+def reference(references):
+    return references[0]
+
+
+@pytest.mark.slow
+def test_image_to_image_requests_equal_the_img2img_pipeline(patch_server, references):
+    """An image on the embedded (text-to-image) model runs its Img2Img pipeline, with the patch-parallel UNet on 2
+    ranks: the served image equals the same from_pipe call's; a bad image is a 422 and the server serves on."""
+    from paradiff.client import Client
+
+    patch_server.poller.join(300)
+    client = Client(patch_server.url, api_key=KEY, timeout=240)
+    for (seed, strength), expected in zip(IMG2IMG, references[1]):
+        image = client.generate(SPECS[0][0], seed=seed, strength=strength, image=_picture())
+        assert np.array_equal(np.asarray(image), expected), (seed, strength)
+    auth = {"X-API-Key": KEY}
+    r = httpx.post(patch_server.url + "/v1/images", json={"prompt": "x", "image": _b64(_noise(64, 64))},
+                   headers=auth, timeout=60)
+    assert r.status_code == 422 and "not a size this server serves (128x128)" in r.text
+    r = httpx.post(patch_server.url + "/v1/images", json={"prompt": "x", "image": _b64(_picture()), "mask": "eA=="},
+                   headers=auth, timeout=60)
+    assert r.status_code == 422 and "mask is for inpainting models" in r.text
+    assert httpx.get(patch_server.url + "/health", timeout=10).json()["image_inputs"] == ["image"]
+    SERVED["images"] += len(IMG2IMG)
 
 
 @pytest.mark.slow
@@ -615,6 +717,46 @@ def test_sigterm_drains_the_queue_and_exits_0(patch_server, reference):
     output = patch_server.output()
     assert "stopped cleanly" in output and "Traceback" not in output
     print(f"drained {queued[0]} queued requests and stopped {time.monotonic() - start:.1f} s after SIGTERM")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_inpainting_requests_equal_generate_with_image_and_mask(tmp_path):
+    """A saved tiny inpainting model served on 2 ranks (patch): image + mask gives `paradiff generate --image --mask`'s
+    image with the same seed and method; the inputs it needs are required (422), and the warm-up inpainted."""
+    from PIL import Image
+
+    from cli_utils import run_cli
+    from support.models import tiny_sd_inpaint_pipeline
+
+    tiny_sd_inpaint_pipeline().save_pretrained(tmp_path / "inpaint")
+    picture, mask = _noise(32, 32, seed=3), np.zeros((32, 32), np.uint8)
+    mask[8:24, 4:20] = 255
+    picture.save(tmp_path / "image.png")
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    common = ["--model", str(tmp_path / "inpaint"), "--method", "patch", "--nproc", "2", "--warmup-steps", "2"]
+    server = CliServer(*common, "--steps", "2", "--sizes", "32", log_path=str(tmp_path / "log"))
+    try:
+        server.wait_listening()
+        proc, _ = run_cli("generate", "a red circle", *common, "--image", str(tmp_path / "image.png"), "--mask",
+                          str(tmp_path / "mask.png"), "--steps", "2", "--seed", "6", "-o", str(tmp_path / "out.png"))
+        assert proc.returncode == 0, proc.stderr
+        expected = np.asarray(Image.open(tmp_path / "out.png"))
+        _wait(lambda: httpx.get(server.url + "/health", timeout=5).status_code == 200, timeout=240)
+        url = server.url + "/v1/images"
+        r = httpx.post(url, json={"prompt": "a red circle", "seed": 6, "image": _b64(picture),
+                                  "mask": _b64(Image.fromarray(mask))}, timeout=120)
+        assert r.status_code == 200, r.text
+        assert np.array_equal(np.asarray(_image(r.content)), expected)
+        r = httpx.post(url, json={"prompt": "x", "image": _b64(picture)}, timeout=60)
+        assert r.status_code == 422 and "(inpainting): give image and mask" in r.text
+        r = httpx.post(url, json={"prompt": "x", "image": _b64(picture), "mask": _b64(_noise(32, 16, "L"))},
+                       timeout=60)
+        assert r.status_code == 422 and "mask is 32x16 (HxW) but the output size is 32x32" in r.text
+        health = httpx.get(server.url + "/health", timeout=10).json()
+        assert health["image_inputs"] == ["image", "mask"] and health["pipeline"] == "StableDiffusionInpaintPipeline"
+    finally:
+        server.kill()
 
 
 def rc_after(server, timeout):

@@ -836,3 +836,24 @@ def test_serve_mistakes_give_one_clear_line(args, env, message):
         proc, seconds = run_cli("serve", *args, env=env, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_serve_bench_runs_end_to_end_on_a_tiny_model(tmp_path):
+    """benchmarks/serve_bench.py --tiny: the GPU section's stages (build and save, serve, load, drain, bare call,
+    report) on the CPU, so the one-GPU run works the first time."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "benchmarks/serve_bench.py", "--tiny", "--out", str(out), "--solo", "2",
+                           "--clients", "2", "--requests", "2", "--bare-runs", "1", "--model-dir",
+                           str(tmp_path / "model")], capture_output=True, text=True, timeout=580,
+                          cwd=__import__("os").path.dirname(__import__("os").path.dirname(__file__)))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads((out / "serve_bench.json").read_text())
+    assert report["serve"]["server_exit"] == 0 and report["serve"]["stopped_cleanly"]
+    assert report["serve"]["load"]["solo"]["ok"] == 2 and report["serve"]["load"]["load"]["ok"] == 2
+    assert len(report["bare"]["seconds"]) == 1 and report["overhead"]["bare_ratio"] is not None
+    assert "Target <= 3 % at p50" in (out / "serve_bench.md").read_text()

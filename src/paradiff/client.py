@@ -87,9 +87,10 @@ class Client:
                  steps: int | None = None, guidance: float | None = None, seed: int | None = None, n: int = 1,
                  output_format: str = "png", quality: int | None = None, image: Any = None, mask: Any = None,
                  strength: float | None = None, control_image: Any = None,
-                 controlnet_conditioning_scale: float | None = None) -> Any:
+                 controlnet_conditioning_scale: float | None = None, decode: bool = True) -> Any:
         """One PIL image (n = 1) or a list of n; image i is the image for seed + i. `image` (+ `strength`):
-        image-to-image, or with `mask` inpainting; `control_image`: ControlNet models."""
+        image-to-image, or with `mask` inpainting; `control_image`: ControlNet models. `decode=False`: the
+        encoded bytes instead of PIL images (to save them as they are)."""
         from PIL import Image
 
         body: dict[str, Any] = {"prompt": prompt, "n": n, "output_format": output_format,
@@ -112,16 +113,16 @@ class Client:
                 continue
             self._raise(status, headers, payload)
         self.last_headers = headers
-        if n == 1:
-            image = Image.open(io.BytesIO(payload))
-            image.load()
-            return image
+        encoded = ([payload] if n == 1 else
+                   [base64.b64decode(item["b64_json"]) for item in json.loads(payload)["images"]])
+        if not decode:
+            return encoded[0] if n == 1 else encoded
         images = []
-        for item in json.loads(payload)["images"]:
-            image = Image.open(io.BytesIO(base64.b64decode(item["b64_json"])))
+        for data in encoded:
+            image = Image.open(io.BytesIO(data))
             image.load()
             images.append(image)
-        return images
+        return images[0] if n == 1 else images
 
 
 def _image_bytes(name: str, value: Any) -> bytes:

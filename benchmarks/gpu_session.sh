@@ -7,6 +7,8 @@
 # SECTION: patch1024 | patch2048 | async-sdxl | async-sd21 | smoke (tiny models, ~1 min: run it first)
 #          | emulate1024 | emulate2048 | profile1024 (one GPU: patch_bench --emulate-ranks 2, patch_profile.py)
 #          | vae-emulated (one GPU: vae_bench.py, SDXL VAE fp16 at 2048 and 4096 px, serial vs rank 0 of 2 and 4)
+#          | async-emulated (one GPU: async_bench.py --emulate-ranks 2, SDXL 1024: each component's compiled step,
+#            peak memory and bytes per step vs the whole compiled model; estimated 5-8 min)
 #          | serve1024 (one GPU: `paradiff serve` of a random-weight SDXL, 1024 px, 30 steps, compiled, 1 rank:
 #            overhead vs the bare call, throughput, p50/p99; benchmarks/serve_bench.py, about 6-8 min; needs the
 #            fastapi/uvicorn/pydantic wheels too) | serve-tiny (its CPU-sized smoke, tiny SDXL, no compile)
@@ -15,7 +17,7 @@
 # results into benchmarks/results/ afterwards. diffusers is not on the device image: carry the wheels made by
 # ../shared/tools/device-wheels.sh in .whl/ (this script installs them into .site/).
 set -euo pipefail
-section=${1:?usage: gpu_session.sh patch1024|patch2048|async-sdxl|async-sd21|smoke|emulate1024|emulate2048|profile1024|vae-emulated|serve1024|serve-tiny}
+section=${1:?usage: gpu_session.sh patch1024|patch2048|async-sdxl|async-sd21|smoke|emulate1024|emulate2048|profile1024|vae-emulated|async-emulated|serve1024|serve-tiny}
 out=${OUT:-gpu-out}
 mkdir -p "$out"
 if [ -d .whl ] && ! python3 -c "import diffusers, fastapi, uvicorn" 2>/dev/null; then
@@ -52,6 +54,9 @@ case $section in
   vae-emulated)  # one GPU: per-rank peak memory and time of the patch-parallel VAE decode (estimated 2-4 min)
     run vae-sdxl-emulated python3 benchmarks/vae_bench.py --sizes 2048,4096 --ranks 2,4 \
       --out "$out/vae-sdxl-emulated" ;;
+  async-emulated)
+    run async-sdxl-emulated python3 benchmarks/async_bench.py --emulate-ranks 2 --arch sdxl --repeats 2 \
+      --out "$out/async-sdxl-emulated2" ;;
   serve1024)  # one GPU, one command: build + save SDXL (~1 min), compile + warm-up (2-4 min), load, bare call
     LIMIT=${LIMIT:-530} run serve-sdxl1024 python3 benchmarks/serve_bench.py --size 1024 --steps 30 --budget 500 \
       --out "$out/serve-sdxl1024-h200" ;;

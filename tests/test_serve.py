@@ -256,6 +256,24 @@ def test_the_parallel_png_encoder_is_lossless(shape, monkeypatch):
     assert np.array_equal(np.asarray(decoded).reshape(pixels.shape), pixels)
 
 
+def test_compile_without_a_parallel_method_compiles_the_denoiser_in_place():
+    """`--compile --method none` (serve's one-rank baseline): the UNet itself is compiled (reduce-overhead), so the
+    Img2Img pipeline made with from_pipe shares the compiled module."""
+    from paradiff.cli import build_parser
+    from paradiff.commands.common import methods_from_args
+    from paradiff.commands.generate import compile_serial
+    from paradiff.serve.server import serving_pipelines
+    from support.models import tiny_sd_pipeline
+
+    args = build_parser().parse_args(["serve", "--compile"])
+    assert methods_from_args(args) == [] and args.compile
+    pipe = tiny_sd_pipeline()
+    unet = pipe.unet
+    compile_serial(pipe)
+    _, img2img = serving_pipelines(pipe)
+    assert pipe.unet is unet and img2img.unet is unet and unet._compiled_call_impl is not None
+
+
 def _tiny_controlnet_pipeline():
     """A tiny random StableDiffusionControlNetPipeline: the tiny SD pipeline and a ControlNet made from its UNet."""
     import torch

@@ -56,6 +56,25 @@ def build(arch: str | None, dtype, device):
     return build_model(arch, dtype=dtype, device=device)
 
 
+def scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1)
+
+
+def settings(args, device) -> tuple:
+    """(gpu, dtype, compile backend, CUDA graphs, [(arch, size, label)], steps) of a run on `device`; one CPU
+    thread on the CPU (gloo ranks share the cores)."""
+    gpu = device.type == "cuda"
+    if not gpu:
+        torch.set_num_threads(1)
+    compile_backend = args.compile_backend or ("inductor" if gpu else None)
+    archs = [(None, 128, "tiny")] if args.tiny else [(*ARCHS[a], a) for a in args.arch]
+    return (gpu, torch.float16 if gpu else torch.float32, compile_backend, gpu and not args.no_graphs, archs,
+            args.steps or (6 if args.tiny else 50))
+
+
 def call_inputs(unet, size: int, dtype, device) -> tuple[torch.Tensor, dict]:
     """Latent (batch 1) and the CFG-doubled conditioning a pipeline would pass."""
     cfg = unet.config
@@ -121,8 +140,6 @@ def gather(obj):
 
 
 def run(args) -> int:
-    from diffusers import DDIMScheduler
-
     from paradiff import runtime
     from paradiff import AsyncDenoise
     from paradiff.bench import clock_mark, elapsed_ms
@@ -134,19 +151,12 @@ def run(args) -> int:
     if world < 2:
         print("run me under torchrun --nproc-per-node 2 (or more)", file=sys.stderr)
         return 2
-    torch.set_num_threads(1 if device.type == "cpu" else torch.get_num_threads())
-    gpu = device.type == "cuda"
-    dtype = torch.float16 if gpu else torch.float32
-    compile_backend = args.compile_backend or ("inductor" if gpu else None)
-    graphs = gpu and not args.no_graphs
-    archs = [(None, 128, "tiny")] if args.tiny else [(*ARCHS[a], a) for a in args.arch]
-    steps = args.steps or (6 if args.tiny else 50)
+    gpu, dtype, compile_backend, graphs, archs, steps = settings(args, device)
     rows, errors = [], []
     group = runtime.mesh({"async": world}).get_group("async")
     for arch, size, label in archs:
         explain = None
-        sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
+        sched = scheduler()
         # baseline on rank 0 (the others wait)
         if rt.is_main:
             unet = build(arch, dtype, device)
@@ -224,8 +234,6 @@ def forward_ms(run, marks: list, device) -> float:
 
 def run_emulated(args) -> int:
     """Each component as rank k of N in this one process (`--emulate-ranks N`); see the module docstring."""
-    from diffusers import DDIMScheduler
-
     from paradiff import AsyncDenoise
     from paradiff.bench import clock_mark
     from paradiff.comm import emulate
@@ -236,18 +244,10 @@ def run_emulated(args) -> int:
     if n < 2:
         raise SystemExit("--emulate-ranks needs N >= 2.")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    gpu = device.type == "cuda"
-    if not gpu:
-        torch.set_num_threads(1)
-    dtype = torch.float16 if gpu else torch.float32
-    compile_backend = args.compile_backend or ("inductor" if gpu else None)
-    graphs = gpu and not args.no_graphs
-    archs = [(None, 128, "tiny")] if args.tiny else [(*ARCHS[a], a) for a in args.arch]
-    steps = args.steps or (6 if args.tiny else 50)
+    gpu, dtype, compile_backend, graphs, archs, steps = settings(args, device)
     rows, errors = [], []
     for arch, size, label in archs:
-        sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
+        sched = scheduler()
         marks: list = []
         unet = build(arch, dtype, device)
         latent, kwargs = call_inputs(unet, size, dtype, device)

@@ -24,7 +24,6 @@ def _async_bench():
 def _one_rank(rank: int, world: int, emulated: bool) -> dict:
     """This rank's AsyncDenoise run of the tiny UNet: bytes per step, parameters kept, the output's shape."""
     import torch.distributed as dist
-    from diffusers import DDIMScheduler
 
     from paradiff import AsyncDenoise
     from paradiff.comm import emulate, p2p
@@ -36,8 +35,7 @@ def _one_rank(rank: int, world: int, emulated: bool) -> dict:
     try:
         unet = bench.build(None, torch.float32, torch.device("cpu"))
         latent, kwargs = bench.call_inputs(unet, 128, torch.float32, torch.device("cpu"))
-        sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
+        sched = bench.scheduler()
         method = AsyncDenoise(warmup_steps=2)
         parallelize_module(unet, method, groups={"async": dist.group.WORLD}, scheduler=lambda: sched)
         with torch.no_grad():

@@ -2,12 +2,21 @@
 
     torchrun --nproc-per-node 2 benchmarks/async_bench.py --arch sdxl --out benchmarks/results/async-h200   # GPU
     torchrun --nproc-per-node 2 benchmarks/async_bench.py --tiny --out /tmp/async-tiny                     # CPU/gloo
+    python3 benchmarks/async_bench.py --emulate-ranks 2 --arch sdxl --out DIR                             # one GPU
 
 Configurations (ranks = world size W): baseline on rank 0 (eager, and torch.compile mode="reduce-overhead"),
 AsyncDenoise N=W stride 1, and N=W-1 stride 2 (N=1 on 2 GPUs: both ranks hold the model and compute two steps per
 round), each with torch.compile + CUDA graphs on GPU. Every configuration runs one untimed generation (compile,
 graph capture), then `--repeats` timed ones (CUDA events / perf_counter; median). Peak memory is per rank, measured
 after the weights of the other components were dropped. Writes async-bench.json and async-bench.md to `--out`.
+
+`--emulate-ranks N` (one process, one device, no torchrun): each component of AsyncDenoise N=N, stride 1, measured
+alone as rank k of N over the fake process group (`paradiff.comm.emulate`: collectives and point-to-point
+transfers are local copies), compiled and graph-captured as in the real run: its compiled step time (the static
+forward, without communication), its peak memory (after the other components' weights were dropped) and the bytes
+it sends and receives per step, against the compiled whole model's step and peak. Targets (issue 15): each
+component's step <= 0.55 of the whole model's, each rank's peak <= 0.65 of the whole model's. Writes
+async-emulated.json and async-emulated.md.
 """
 
 from __future__ import annotations
@@ -45,6 +54,25 @@ def build(arch: str | None, dtype, device):
     from paradiff.archs import build_model
 
     return build_model(arch, dtype=dtype, device=device)
+
+
+def scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1)
+
+
+def settings(args, device) -> tuple:
+    """(gpu, dtype, compile backend, CUDA graphs, [(arch, size, label)], steps) of a run on `device`; one CPU
+    thread on the CPU (gloo ranks share the cores)."""
+    gpu = device.type == "cuda"
+    if not gpu:
+        torch.set_num_threads(1)
+    compile_backend = args.compile_backend or ("inductor" if gpu else None)
+    archs = [(None, 128, "tiny")] if args.tiny else [(*ARCHS[a], a) for a in args.arch]
+    return (gpu, torch.float16 if gpu else torch.float32, compile_backend, gpu and not args.no_graphs, archs,
+            args.steps or (6 if args.tiny else 50))
 
 
 def call_inputs(unet, size: int, dtype, device) -> tuple[torch.Tensor, dict]:
@@ -112,8 +140,6 @@ def gather(obj):
 
 
 def run(args) -> int:
-    from diffusers import DDIMScheduler
-
     from paradiff import runtime
     from paradiff import AsyncDenoise
     from paradiff.bench import clock_mark, elapsed_ms
@@ -125,19 +151,12 @@ def run(args) -> int:
     if world < 2:
         print("run me under torchrun --nproc-per-node 2 (or more)", file=sys.stderr)
         return 2
-    torch.set_num_threads(1 if device.type == "cpu" else torch.get_num_threads())
-    gpu = device.type == "cuda"
-    dtype = torch.float16 if gpu else torch.float32
-    compile_backend = args.compile_backend or ("inductor" if gpu else None)
-    graphs = gpu and not args.no_graphs
-    archs = [(None, 128, "tiny")] if args.tiny else [(*ARCHS[a], a) for a in args.arch]
-    steps = args.steps or (6 if args.tiny else 50)
+    gpu, dtype, compile_backend, graphs, archs, steps = settings(args, device)
     rows, errors = [], []
     group = runtime.mesh({"async": world}).get_group("async")
     for arch, size, label in archs:
         explain = None
-        sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
+        sched = scheduler()
         # baseline on rank 0 (the others wait)
         if rt.is_main:
             unet = build(arch, dtype, device)
@@ -201,6 +220,129 @@ def run(args) -> int:
     return 1 if errors else 0
 
 
+def forward_ms(run, marks: list, device) -> float:
+    """Median of the forward times `marks` collects during `run()` ((phase, start mark), (phase, end mark), ...)."""
+    from paradiff.bench import elapsed_ms
+
+    marks.clear()
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return statistics.median(elapsed_ms(a, b) for (phase, a), (_, b) in zip(marks[::2], marks[1::2])
+                             if phase in ("async", "serial"))
+
+
+def run_emulated(args) -> int:
+    """Each component as rank k of N in this one process (`--emulate-ranks N`); see the module docstring."""
+    from paradiff import AsyncDenoise
+    from paradiff.bench import clock_mark
+    from paradiff.comm import emulate
+    from paradiff.methods.split import explain_split
+    from paradiff.parallel import parallelize_module
+
+    n = args.emulate_ranks
+    if n < 2:
+        raise SystemExit("--emulate-ranks needs N >= 2.")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    gpu, dtype, compile_backend, graphs, archs, steps = settings(args, device)
+    rows, errors = [], []
+    for arch, size, label in archs:
+        sched = scheduler()
+        marks: list = []
+        unet = build(arch, dtype, device)
+        latent, kwargs = call_inputs(unet, size, dtype, device)
+        explain = explain_split(unet, n)
+        model = torch.compile(unet, backend=compile_backend, mode="reduce-overhead" if gpu else None) \
+            if compile_backend else unet
+
+        def serial(*a, **k):
+            marks.append(("serial", clock_mark(device)))
+            out = model(*a, **k)
+            marks.append(("serial", clock_mark(device)))
+            return out
+
+        base_name = f"whole model {'compiled (reduce-overhead)' if compile_backend else 'eager'}"
+        reset_memory(device)
+        with torch.no_grad():
+            times, _ = timed(lambda: denoise(serial, sched, latent, kwargs, steps), args.repeats, device)
+            base_ms = forward_ms(lambda: denoise(serial, sched, latent, kwargs, steps), marks, device)
+        base = dict(arch=label, size=size, steps=steps, config=base_name, rank=None, median_s=statistics.median(times),
+                    forward_ms=base_ms, peak_gb=peak_gb(device), params=sum(p.numel() for p in unet.parameters()))
+        rows.append(base)
+        print(f"[{label}] {base_name}: step {base_ms:.2f} ms, peak {base['peak_gb']} GiB", flush=True)
+        unet = model = None
+        torch._dynamo.reset()
+        for rank in range(n):
+            name = f"async N={n} component {rank}" + (" compiled" if compile_backend else "") + \
+                (" +graphs" if graphs else "")
+            emulate.start(n, device, rank=rank)
+            try:
+                unet = build(arch, dtype, device)
+                method = AsyncDenoise(warmup_steps=args.warmup_steps, cuda_graph=graphs,
+                                      compile={"backend": compile_backend} if compile_backend else False)
+                parallelize_module(unet, method, groups={"async": dist.group.WORLD}, scheduler=lambda: sched)
+                reset_memory(device)  # from here: this component's weights, its activations and buffers
+                with torch.no_grad():
+                    times, _ = timed(lambda: denoise(unet, sched, latent, kwargs, steps), args.repeats, device)
+                    method.state.observer = lambda phase, edge: marks.append((phase, clock_mark(device)))
+                    ms = forward_ms(lambda: denoise(unet, sched, latent, kwargs, steps), marks, device)
+                    method.state.observer = None
+                moved = method.state.p2p.bytes_per_step()
+                peak = peak_gb(device)
+                rows.append(dict(arch=label, size=size, steps=steps, config=name, rank=rank,
+                                 median_s=statistics.median(times), forward_ms=ms, peak_gb=peak,
+                                 params=sum(p.numel() for p in unet.parameters()),
+                                 sent_mb_per_step=moved["sent"] / 2**20, received_mb_per_step=moved["received"] / 2**20,
+                                 step_ratio=ms / base_ms, peak_ratio=peak / base["peak_gb"] if peak else None,
+                                 warmup_steps=args.warmup_steps, explain=explain))
+                print(f"[{label}] {name}: step {ms:.2f} ms ({ms / base_ms:.2f} of the whole model), peak {peak} GiB, "
+                      f"sends {moved['sent'] / 2**20:.1f} MiB/step", flush=True)
+            except Exception:  # noqa: BLE001 - record and go on with the next component
+                errors.append(dict(arch=label, config=name, rank=rank, error=traceback.format_exc()[-2000:]))
+                print(f"[{label}] {name} failed:\n{traceback.format_exc()}", flush=True)
+            finally:
+                unet = method = None
+                emulate.stop()
+                torch._dynamo.reset()
+    write_emulated(args, rows, errors, device, n)
+    return 1 if errors else 0
+
+
+def write_emulated(args, rows, errors, device, n: int) -> None:
+    import diffusers
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+                torch=torch.__version__, diffusers=diffusers.__version__, command=" ".join(sys.argv),
+                emulated_ranks=n, cfg_batch=2, dtype="fp16" if device.type == "cuda" else "fp32",
+                targets={"step_ratio": 0.55, "peak_ratio": 0.65})
+    (out / "async-emulated.json").write_text(json.dumps(dict(meta=meta, results=rows, errors=errors), indent=2))
+    lines = [f"# AsyncDenoise, one device as each rank of {n} ({meta['device']}, {meta['date']})", "",
+             f"`{meta['command']}` (torch {meta['torch']}, diffusers {meta['diffusers']}, {meta['dtype']}, "
+             "CFG batch 2, DDIM; transfers are local copies: no network)", "",
+             "| model | size | config | step ms | of whole | peak GiB | of whole | params M | sent MiB/step | "
+             "received MiB/step |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = "-" if r.get("step_ratio") is None else f"{r['step_ratio']:.2f}"
+        peak = "-" if r["peak_gb"] is None else f"{r['peak_gb']:.2f}"
+        peak_ratio = "-" if r.get("peak_ratio") is None else f"{r['peak_ratio']:.2f}"
+        moved = [("-" if r.get(k) is None else f"{r[k]:.1f}") for k in ("sent_mb_per_step", "received_mb_per_step")]
+        lines.append(f"| {r['arch']} | {r['size']} | {r['config']} | {r['forward_ms']:.2f} | {ratio} | {peak} | "
+                     f"{peak_ratio} | {r['params'] / 1e6:.1f} | {moved[0]} | {moved[1]} |")
+    lines.append("")
+    lines.append(f"Targets: each component's step <= {meta['targets']['step_ratio']} of the whole model's, each "
+                 f"rank's peak memory <= {meta['targets']['peak_ratio']} of the whole model's.")
+    for e in errors:
+        lines.append(f"\nFAILED {e['arch']} {e['config']}: `{e['error'].strip().splitlines()[-1]}`")
+    explain = [r["explain"] for r in rows if r.get("explain")]
+    if explain:
+        lines += ["", f"Split (N = {n}):", "```", *dict.fromkeys(explain), "```"]
+    (out / "async-emulated.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def write(args, rows, errors, device) -> None:
     import diffusers
 
@@ -248,8 +390,11 @@ def main() -> int:
     p.add_argument("--device", default=None, choices=("cpu", "cuda"))
     p.add_argument("--compile-backend", default=None, help="torch.compile backend (default: inductor on GPU, off on CPU)")
     p.add_argument("--no-graphs", action="store_true", help="no CUDA graphs for the async steps")
+    p.add_argument("--emulate-ranks", type=int, default=0,
+                   help="one process, one device: each of the N components as rank k of N (no torchrun)")
     p.add_argument("--out", required=True, help="output folder for async-bench.json / .md")
-    return run(p.parse_args())
+    args = p.parse_args()
+    return run_emulated(args) if args.emulate_ranks else run(args)
 
 
 if __name__ == "__main__":

@@ -7,15 +7,20 @@
 # SECTION: patch1024 | patch2048 | async-sdxl | async-sd21 | smoke (tiny models, ~1 min: run it first)
 #          | emulate1024 | emulate2048 | profile1024 (one GPU: patch_bench --emulate-ranks 2, patch_profile.py)
 #          | vae-emulated (one GPU: vae_bench.py, SDXL VAE fp16 at 2048 and 4096 px, serial vs rank 0 of 2 and 4)
+#          | async-emulated (one GPU: async_bench.py --emulate-ranks 2, SDXL 1024: each component's compiled step,
+#            peak memory and bytes per step vs the whole compiled model; estimated 5-8 min)
+#          | serve1024 (one GPU: `paradiff serve` of a random-weight SDXL, 1024 px, 30 steps, compiled, 1 rank:
+#            overhead vs the bare call, throughput, p50/p99; benchmarks/serve_bench.py, about 6-8 min; needs the
+#            fastapi/uvicorn/pydantic wheels too) | serve-tiny (its CPU-sized smoke, tiny SDXL, no compile)
 # (The before/after check of the execution core on one GPU is benchmarks/core_regression.sh, not a section here.)
 # Logs and results go to $OUT (the device tool's output folder), or ./gpu-out when $OUT is unset; copy the
 # results into benchmarks/results/ afterwards. diffusers is not on the device image: carry the wheels made by
 # ../shared/tools/device-wheels.sh in .whl/ (this script installs them into .site/).
 set -euo pipefail
-section=${1:?usage: gpu_session.sh patch1024|patch2048|async-sdxl|async-sd21|smoke|emulate1024|emulate2048|profile1024|vae-emulated}
+section=${1:?usage: gpu_session.sh patch1024|patch2048|async-sdxl|async-sd21|smoke|emulate1024|emulate2048|profile1024|vae-emulated|async-emulated|serve1024|serve-tiny}
 out=${OUT:-gpu-out}
 mkdir -p "$out"
-if [ -d .whl ] && ! python3 -c "import diffusers" 2>/dev/null; then
+if [ -d .whl ] && ! python3 -c "import diffusers, fastapi, uvicorn" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl
 fi
 export PYTHONUNBUFFERED=1
@@ -49,6 +54,14 @@ case $section in
   vae-emulated)  # one GPU: per-rank peak memory and time of the patch-parallel VAE decode (estimated 2-4 min)
     run vae-sdxl-emulated python3 benchmarks/vae_bench.py --sizes 2048,4096 --ranks 2,4 \
       --out "$out/vae-sdxl-emulated" ;;
+  async-emulated)
+    run async-sdxl-emulated python3 benchmarks/async_bench.py --emulate-ranks 2 --arch sdxl --repeats 2 \
+      --out "$out/async-sdxl-emulated2" ;;
+  serve1024)  # one GPU, one command: build + save SDXL (~1 min), compile + warm-up (2-4 min), load, bare call
+    LIMIT=${LIMIT:-530} run serve-sdxl1024 python3 benchmarks/serve_bench.py --size 1024 --steps 30 --budget 500 \
+      --out "$out/serve-sdxl1024-h200" ;;
+  serve-tiny)
+    run serve-tiny python3 benchmarks/serve_bench.py --tiny --out "$out/serve-tiny" ;;
   patch2048)
     run patch-sdxl2048 torchrun --nproc-per-node 2 benchmarks/patch_bench.py --size 2048 --steps 30 \
       --configs baseline,patch --out "$out/patch-sdxl2048-h200x2" ;;

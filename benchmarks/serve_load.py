@@ -7,7 +7,8 @@ Reports throughput (images/s), latency p50/p90/p99, refusals (503: queue full), 
 request latency minus the time the request waited for the ranks and minus the bare pipeline call, both measured
 in the server process on rank 0 (X-Queue-Seconds and X-Generation-Seconds response headers). The overhead is
 measured twice: one client alone (`--solo` sequential requests: HTTP, validation, queueing, broadcast to the ranks,
-encoding) and under the concurrent load. A refused request counts as one (`--retries N` retries it instead, after
+encoding; the latency ends when the image's bytes have arrived, `--decode` adds the client's decoding) and under
+the concurrent load. A refused request counts as one (`--retries N` retries it instead, after
 the server's Retry-After; its latency then includes the waits). `--json FILE` writes every number and each
 request's timings.
 """
@@ -38,14 +39,16 @@ def percentile(values: list[float], q: float) -> float | None:
 def one_request(client: Client, args: argparse.Namespace, seed: int) -> dict:
     start = time.perf_counter()
     try:
-        client.generate(args.prompt, size=args.size, steps=args.steps, seed=seed, output_format=args.format)
+        client.generate(args.prompt, size=args.size, steps=args.steps, seed=seed, output_format=args.format,
+                        decode=args.decode)
     except ServerError as err:
         return {"status": err.status, "latency_s": time.perf_counter() - start, "error": str(err)}
     latency = time.perf_counter() - start
     queue_s = float(client.last_headers.get("X-Queue-Seconds") or 0)
     generation_s = float(client.last_headers.get("X-Generation-Seconds") or 0)
+    encode_s = float(client.last_headers.get("X-Encode-Seconds") or 0)
     return {"status": 200, "latency_s": latency, "queue_s": queue_s, "generation_s": generation_s,
-            "overhead_s": latency - queue_s - generation_s}
+            "encode_s": encode_s, "overhead_s": latency - queue_s - generation_s}
 
 
 def summarize(rows: list[dict], seconds: float | None = None) -> dict:
@@ -58,6 +61,8 @@ def summarize(rows: list[dict], seconds: float | None = None) -> dict:
         "latency_p50_s": percentile(latency, 50), "latency_p90_s": percentile(latency, 90),
         "latency_p99_s": percentile(latency, 99),
         "generation_mean_s": statistics.fmean(r["generation_s"] for r in ok) if ok else None,
+        "generation_p50_s": percentile([r["generation_s"] for r in ok], 50),
+        "encode_p50_s": percentile([r["encode_s"] for r in ok], 50),
         "queue_mean_s": statistics.fmean(r["queue_s"] for r in ok) if ok else None,
         "overhead_p50_s": percentile(overhead, 50), "overhead_p99_s": percentile(overhead, 99),
     }
@@ -78,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", default=None, help="HxW from the server's sizes (default: its first)")
     p.add_argument("--steps", type=int, default=None, help="default: the server's")
     p.add_argument("--format", default="png", choices=("png", "jpeg", "webp"))
+    p.add_argument("--decode", action="store_true",
+                   help="decode each image in the client too (default: the latency ends with the image's bytes)")
     p.add_argument("--retries", type=int, default=0,
                    help="retry a 503 (queue full) this many times after its Retry-After (default 0: count it)")
     p.add_argument("--json", default=None, help="write the report and every request's timings here")
@@ -133,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         s = report["solo"]
         print(f"one client, {s['requests']} requests: latency p50 {ms(s['latency_p50_s'])}, pipeline "
               f"{ms(s['generation_mean_s'])} mean, server overhead p50 {ms(s['overhead_p50_s'])} "
-              f"p99 {ms(s['overhead_p99_s'])}")
+              f"p99 {ms(s['overhead_p99_s'])} (of which encoding p50 {ms(s['encode_p50_s'])})")
     s = report["load"]
     print(f"{args.clients} clients, {s['requests']} requests in {s['seconds']:.1f} s: {s['images_per_s']:.2f} images/s, "
           f"{s['ok']} ok, {s['refused_503']} refused (503), {s['other_errors']} other errors")

@@ -16,7 +16,7 @@ from cli_utils import run_cli
         (["generate", "x", "--model", "someone/not-cached-model"], "cannot be reached"),
         (["generate", "x", "--nproc", "2"], "needs a parallel --method"),
         (["generate", "x", "--warmup-steps", "2"], "needs a parallel --method"),
-        (["generate", "x", "--compile"], "needs a parallel --method"),
+        (["generate", "x", "--stride", "2"], "needs a parallel --method"),
         (["bench", "--arch", "someone/unknown-arch"], "not a shipped architecture"),
     ],
 )

@@ -49,7 +49,7 @@ def test_requests_are_validated_and_the_server_keeps_serving():
             bad = [
                 ({"prompt": "x", "size": "128x128"}, "is not served here; this server serves 32x48, 64x64"),
                 ({"prompt": "x", "colour": "red"}, "Extra inputs are not permitted"),
-                ({"prompt": "x", "image": "aGVsbG8="}, "not supported by this server yet"),
+                ({"prompt": "x", "image": "aGVsbG8="}, "which takes no input image"),
                 ({"prompt": "x", "n": 4, "response_format": "b64_json"}, "less than or equal to 3"),
                 ({"prompt": "x", "steps": 11}, "less than or equal to 10"),
                 ({"prompt": "x", "steps": "4"}, "valid integer"),
@@ -121,6 +121,209 @@ def test_requests_are_validated_and_the_server_keeps_serving():
         assert sample(samples, "paradiff_requests_total", code="422") == len(bad) + 2
         assert sample(samples, "paradiff_request_seconds_count", size="32x48") == 3
         assert sample(samples, "paradiff_queue_depth") == 0 and sample(samples, "paradiff_ready") == 1
+    finally:
+        server.close()
+
+
+def _b64(image, format="PNG") -> str:
+    import base64
+
+    buf = io.BytesIO()
+    image.save(buf, format=format)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _noise(height, width, mode="RGB", seed=0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    shape = (height, width, 3) if mode == "RGB" else (height, width)
+    return Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode)
+
+
+def test_image_inputs_are_decoded_checked_and_reach_the_runner():
+    """img2img on a text-to-image model: the runner gets the exact pixels; every bad image is a 422 (never echoed
+    back) and the server keeps serving; the size comes from the image when not given."""
+    from paradiff.serve.inputs import PipelineInputs
+
+    runner = FakeRunner()
+    server = InProcessServer(runner, inputs=PipelineInputs("text-to-image", "StableDiffusionPipeline", img2img=True,
+                                                           strength=0.8))
+    picture = _noise(32, 48)
+    good = _b64(picture)
+    truncated = _b64(picture)[:400]
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            bad = [
+                ({"image": "%%%not base64%%%"}, "image is not valid base64"),
+                ({"image": "aGVsbG8gd29ybGQ="}, "image is not a PNG, JPEG or WebP image"),
+                ({"image": _b64(_noise(32, 48), "GIF")}, "image is not a PNG, JPEG or WebP image"),
+                ({"image": good, "size": "64x64"}, "image is 32x48 (HxW) but the output size is 64x64"),
+                ({"image": _b64(_noise(40, 40))}, "not a size this server serves (32x48, 64x64)"),
+                ({"image": truncated}, "image could not be decoded (OSError: truncated or corrupt?)"),
+                ({"mask": good}, "mask needs image"),
+                ({"image": good, "mask": good}, "mask is for inpainting models; this server's model is a "
+                                                "StableDiffusionPipeline (text to image)"),
+                ({"control_image": good}, "control_image needs a ControlNet model"),
+                ({"strength": 0.5}, "strength applies to an input image"),
+                ({"image": good, "strength": 0.2, "steps": 4}, "steps x strength (4 x 0.2) is less than one"),
+                ({"image": good, "strength": 1.5}, "less than or equal to 1"),
+                ({"init_image": good}, "init_image: this API calls it 'image'"),
+                ({"image": good, "controlnet_conditioning_scale": 1.0}, "needs control_image"),
+            ]
+            for extra, message in bad:
+                r = http.post("/v1/images", json={"prompt": "x", **extra})
+                assert r.status_code == 422 and message in r.text, (list(extra), r.status_code, r.text[:300])
+                assert len(r.content) < 2000  # the image is not echoed back
+            assert runner.calls == []
+            r = http.post("/v1/images", json={"prompt": "x", "image": "data:image/png;base64," + good, "seed": 3,
+                                              "strength": 0.5})
+            assert r.status_code == 200 and _image(r.content).size == (48, 32)  # the image's size, served
+            call = runner.calls[-1]
+            assert (call["height"], call["width"], call["strength"]) == (32, 48, 0.5)
+            assert np.array_equal(call["image"], np.asarray(picture)) and call.get("mask") is None
+            wrapped = "\n".join(good[i:i + 76] for i in range(0, len(good), 76))  # `base64` without -w0
+            jpeg = _b64(_noise(64, 64), "JPEG")
+            for image in (wrapped, jpeg):
+                assert http.post("/v1/images", json={"prompt": "x", "image": image}).status_code == 200
+            assert runner.calls[-1]["image"].shape == (64, 64, 3) and runner.calls[-1]["strength"] is None
+            assert http.post("/v1/images", json={"prompt": "still serving"}).status_code == 200
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("kind, given, message", [
+    ("inpainting", {"image": (32, 48)}, "(inpainting): give image and mask"),
+    ("inpainting", {}, "(inpainting): give image and mask"),
+    ("inpainting", {"image": (32, 48), "mask": (64, 64)}, "mask is 64x64 (HxW) but the output size is 32x48"),
+    ("inpainting", {"image": (32, 48), "mask": (32, 48)}, None),
+    ("controlnet", {}, "(ControlNet): give control_image"),
+    ("controlnet", {"image": (32, 48)}, "which takes no input image"),
+    ("controlnet", {"control_image": (64, 64)}, None),
+])
+def test_inpainting_and_controlnet_inputs_follow_the_model(kind, given, message):
+    from paradiff.serve.inputs import PipelineInputs
+
+    runner = FakeRunner()
+    server = InProcessServer(runner, inputs=PipelineInputs(kind, "SomePipeline", strength=1.0 if kind == "inpainting"
+                                                           else None))
+    body = {"prompt": "x", **{name: _b64(_noise(*size, "L" if name == "mask" else "RGB")) for name, size in
+                              given.items()}}
+    try:
+        r = httpx.post(server.url + "/v1/images", json=body, timeout=30)
+        if message is not None:
+            assert r.status_code == 422 and message in r.text, r.text[:300]
+            return
+        assert r.status_code == 200, r.text[:300]
+        call = runner.calls[-1]
+        for name, size in given.items():
+            assert call[name].shape == (*size, 1 if name == "mask" else 3)
+    finally:
+        server.close()
+
+
+def test_the_default_body_limit_fits_the_images_of_the_largest_size():
+    """A 1024x1024 noise PNG (incompressible: about the worst case) in base64 fits the default limit of an img2img
+    server; a text-only server keeps 64 KiB; the mask and control images add their room."""
+    from paradiff.serve.inputs import TEXT_BODY_BYTES, PipelineInputs, body_limit
+
+    sizes = [(512, 512), (1024, 1024)]
+    text_only = PipelineInputs("text-to-image", "P")
+    img2img = PipelineInputs("text-to-image", "P", img2img=True)
+    inpaint = PipelineInputs("inpainting", "P")
+    body = json.dumps({"prompt": "x" * 2000, "image": _b64(_noise(1024, 1024)), "strength": 0.5})
+    assert body_limit(sizes, text_only) == TEXT_BODY_BYTES
+    assert len(body) < body_limit(sizes, img2img) < 1.1 * len(body) + TEXT_BODY_BYTES
+    mask = _b64(_noise(1024, 1024, "L"))
+    assert len(body) + len(mask) < body_limit(sizes, inpaint) < body_limit(sizes, img2img) + 1.1 * len(mask)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3), (17, 33, 3), (64, 48, 1), (40, 40, 4), (96, 64, 3)])
+def test_the_parallel_png_encoder_is_lossless(shape, monkeypatch):
+    """Bands deflated apart and joined (several bands: a small band size) decode to the same pixels, noise and
+    smooth rows alike (every filter type gets chosen)."""
+    from PIL import Image
+
+    from paradiff.serve import png
+
+    monkeypatch.setattr(png, "BAND_BYTES", 1000)
+    rng = np.random.default_rng(shape[0])
+    smooth = np.cumsum(rng.integers(0, 3, shape), axis=1).astype(np.uint8)
+    pixels = np.concatenate([rng.integers(0, 256, shape, dtype=np.uint8), smooth, smooth.transpose(1, 0, 2)[
+        :shape[0], :shape[1]] if shape[0] == shape[1] else smooth])
+    decoded = Image.open(io.BytesIO(png.encode_png(pixels[:, :, 0] if shape[2] == 1 else pixels)))
+    assert decoded.mode == {1: "L", 3: "RGB", 4: "RGBA"}[shape[2]]
+    assert np.array_equal(np.asarray(decoded).reshape(pixels.shape), pixels)
+
+
+def test_compile_without_a_parallel_method_compiles_the_denoiser_in_place():
+    """`--compile --method none` (serve's one-rank baseline): the UNet itself is compiled (reduce-overhead), so the
+    Img2Img pipeline made with from_pipe shares the compiled module."""
+    from paradiff.cli import build_parser
+    from paradiff.commands.common import methods_from_args
+    from paradiff.commands.generate import compile_serial
+    from paradiff.serve.server import serving_pipelines
+    from support.models import tiny_sd_pipeline
+
+    args = build_parser().parse_args(["serve", "--compile"])
+    assert methods_from_args(args) == [] and args.compile
+    pipe = tiny_sd_pipeline()
+    unet = pipe.unet
+    compile_serial(pipe)
+    _, img2img = serving_pipelines(pipe)
+    assert pipe.unet is unet and img2img.unet is unet and unet._compiled_call_impl is not None
+
+
+def _tiny_controlnet_pipeline():
+    """A tiny random StableDiffusionControlNetPipeline: the tiny SD pipeline and a ControlNet made from its UNet."""
+    import torch
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    from support.models import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline()
+    torch.manual_seed(1)
+    controlnet = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(16, 32))  # VAE x2
+    pipe = StableDiffusionControlNetPipeline(**pipe.components, controlnet=controlnet)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.controlnet):
+        module.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_a_controlnet_pipeline_takes_control_image_and_equals_the_pipeline_call():
+    """Served serially (method none, one rank): control_image is the ControlNet's conditioning; with image too it
+    is ControlNet image-to-image (from_pipe). Both equal diffusers' own calls with the same seed."""
+    from diffusers import StableDiffusionControlNetImg2ImgPipeline
+
+    from paradiff.commands.generate import generators, pipeline_kwargs
+    from paradiff.serve.server import make_runner, serving_pipelines
+
+    pipe = _tiny_controlnet_pipeline()
+    inputs, img2img = serving_pipelines(pipe)
+    assert (inputs.kind, inputs.img2img, inputs.image_fields()) == ("controlnet", True, ("image", "control_image"))
+    assert isinstance(img2img, StableDiffusionControlNetImg2ImgPipeline)
+    server = InProcessServer(make_runner(pipe, embedded_model=False, img2img=img2img), sizes=[(32, 32)], steps=2,
+                             inputs=inputs)
+    control, picture = _noise(32, 32, seed=1), _noise(32, 32, seed=2)
+    call = pipeline_kwargs(steps=2, size=(32, 32))
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            r = http.post("/v1/images", json={"prompt": "a red circle", "seed": 4, "control_image": _b64(control),
+                                              "controlnet_conditioning_scale": 0.7})
+            assert r.status_code == 200, r.text
+            expected = pipe("a red circle", image=control, controlnet_conditioning_scale=0.7, generator=generators(4),
+                            **call).images[0]
+            assert np.array_equal(np.asarray(_image(r.content)), np.asarray(expected))
+            r = http.post("/v1/images", json={"prompt": "a red circle", "seed": 5, "image": _b64(picture),
+                                              "control_image": _b64(control), "strength": 0.5})
+            assert r.status_code == 200, r.text
+            del call["height"], call["width"]
+            expected = img2img("a red circle", image=picture, control_image=control, strength=0.5,
+                               generator=generators(5), **call).images[0]
+            assert np.array_equal(np.asarray(_image(r.content)), np.asarray(expected))
+            r = http.post("/v1/images", json={"prompt": "x", "control_image": _b64(_noise(32, 32)), "mask": "eA=="})
+            assert r.status_code == 422 and "mask needs image" in r.text
     finally:
         server.close()
 
@@ -319,16 +522,37 @@ def _generate_args(prompt, seed, guidance, negative, method="patch"):
     return build_parser().parse_args(argv)
 
 
+IMG2IMG = [(11, 0.6), (12, 1.0)]  # (seed, strength) of the image-to-image requests, from _picture()
+
+
+def _picture():
+    """The input picture of the image-to-image requests: a yellow disc on blue, 128x128."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (128, 128), (30, 60, 200))
+    ImageDraw.Draw(image).ellipse((24, 40, 88, 104), fill=(240, 220, 40))
+    return image
+
+
 def _generate_reference(specs):
-    """What `paradiff generate --method patch --nproc 2 ...` makes for each spec: generate's own functions."""
-    from paradiff.commands.generate import call_kwargs, generators, prepare_pipeline
+    """What `paradiff generate --method patch --nproc 2 ...` makes for each spec (generate's own functions), and
+    the image-to-image calls of IMG2IMG through `StableDiffusionImg2ImgPipeline.from_pipe` of that pipeline."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from paradiff.commands.generate import call_kwargs, generators, prepare_pipeline, pipeline_kwargs
 
     rt, pipe = prepare_pipeline(_generate_args(*specs[0]))
     images = []
     for spec in specs:
         args = _generate_args(*spec)
         images.append(np.asarray(pipe(args.prompt, generator=generators(args.seed), **call_kwargs(args)).images[0]))
-    return images if rt.is_main else None
+    img2img = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
+    changed = []
+    for seed, strength in IMG2IMG:
+        kwargs = pipeline_kwargs(steps=STEPS, embedded_model=True)
+        changed.append(np.asarray(img2img(specs[0][0], image=_picture(), strength=strength,
+                                          generator=generators(seed), **kwargs).images[0]))
+    return (images, changed) if rt.is_main else None
 
 
 def _body(spec, **extra):
@@ -371,10 +595,37 @@ def patch_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference():
+def references():
     from support.distributed import run_ranks
 
     return run_ranks(_generate_reference, 2, SPECS, timeout=300)[0]
+
+
+@pytest.fixture(scope="module")
+def reference(references):
+    return references[0]
+
+
+@pytest.mark.slow
+def test_image_to_image_requests_equal_the_img2img_pipeline(patch_server, references):
+    """An image on the embedded (text-to-image) model runs its Img2Img pipeline, with the patch-parallel UNet on 2
+    ranks: the served image equals the same from_pipe call's; a bad image is a 422 and the server serves on."""
+    from paradiff.client import Client
+
+    patch_server.poller.join(300)
+    client = Client(patch_server.url, api_key=KEY, timeout=240)
+    for (seed, strength), expected in zip(IMG2IMG, references[1]):
+        image = client.generate(SPECS[0][0], seed=seed, strength=strength, image=_picture())
+        assert np.array_equal(np.asarray(image), expected), (seed, strength)
+    auth = {"X-API-Key": KEY}
+    r = httpx.post(patch_server.url + "/v1/images", json={"prompt": "x", "image": _b64(_noise(64, 64))},
+                   headers=auth, timeout=60)
+    assert r.status_code == 422 and "not a size this server serves (128x128)" in r.text
+    r = httpx.post(patch_server.url + "/v1/images", json={"prompt": "x", "image": _b64(_picture()), "mask": "eA=="},
+                   headers=auth, timeout=60)
+    assert r.status_code == 422 and "mask is for inpainting models" in r.text
+    assert httpx.get(patch_server.url + "/health", timeout=10).json()["image_inputs"] == ["image"]
+    SERVED["images"] += len(IMG2IMG)
 
 
 @pytest.mark.slow
@@ -425,7 +676,7 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(patch_server, referen
                          ).status_code == 422
         assert http.post(url, json={"prompt": "x", "size": "256x256"}, headers=auth).status_code == 422
         assert http.post(url, json={"prompt": "x", "sampler": "euler"}, headers=auth).status_code == 422
-        assert http.post(url, json={"prompt": "x" * 100_000}, headers=auth).status_code == 413
+        assert http.post(url, json={"prompt": "x" * 300_000}, headers=auth).status_code == 413
         assert http.post(url, json={"prompt": "x"}, headers={"Authorization": "Bearer nope"}).status_code == 401
         assert http.post(url, json={"prompt": "x"}).status_code == 401
         r = http.post(url, json=_body(SPECS[1]), headers=auth)
@@ -504,6 +755,46 @@ def test_sigterm_drains_the_queue_and_exits_0(patch_server, reference):
     print(f"drained {queued[0]} queued requests and stopped {time.monotonic() - start:.1f} s after SIGTERM")
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_inpainting_requests_equal_generate_with_image_and_mask(tmp_path):
+    """A saved tiny inpainting model served on 2 ranks (patch): image + mask gives `paradiff generate --image --mask`'s
+    image with the same seed and method; the inputs it needs are required (422), and the warm-up inpainted."""
+    from PIL import Image
+
+    from cli_utils import run_cli
+    from support.models import tiny_sd_inpaint_pipeline
+
+    tiny_sd_inpaint_pipeline().save_pretrained(tmp_path / "inpaint")
+    picture, mask = _noise(32, 32, seed=3), np.zeros((32, 32), np.uint8)
+    mask[8:24, 4:20] = 255
+    picture.save(tmp_path / "image.png")
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    common = ["--model", str(tmp_path / "inpaint"), "--method", "patch", "--nproc", "2", "--warmup-steps", "2"]
+    server = CliServer(*common, "--steps", "2", "--sizes", "32", log_path=str(tmp_path / "log"))
+    try:
+        server.wait_listening()
+        proc, _ = run_cli("generate", "a red circle", *common, "--image", str(tmp_path / "image.png"), "--mask",
+                          str(tmp_path / "mask.png"), "--steps", "2", "--seed", "6", "-o", str(tmp_path / "out.png"))
+        assert proc.returncode == 0, proc.stderr
+        expected = np.asarray(Image.open(tmp_path / "out.png"))
+        _wait(lambda: httpx.get(server.url + "/health", timeout=5).status_code == 200, timeout=240)
+        url = server.url + "/v1/images"
+        r = httpx.post(url, json={"prompt": "a red circle", "seed": 6, "image": _b64(picture),
+                                  "mask": _b64(Image.fromarray(mask))}, timeout=120)
+        assert r.status_code == 200, r.text
+        assert np.array_equal(np.asarray(_image(r.content)), expected)
+        r = httpx.post(url, json={"prompt": "x", "image": _b64(picture)}, timeout=60)
+        assert r.status_code == 422 and "(inpainting): give image and mask" in r.text
+        r = httpx.post(url, json={"prompt": "x", "image": _b64(picture), "mask": _b64(_noise(32, 16, "L"))},
+                       timeout=60)
+        assert r.status_code == 422 and "mask is 32x16 (HxW) but the output size is 32x32" in r.text
+        health = httpx.get(server.url + "/health", timeout=10).json()
+        assert health["image_inputs"] == ["image", "mask"] and health["pipeline"] == "StableDiffusionInpaintPipeline"
+    finally:
+        server.kill()
+
+
 def rc_after(server, timeout):
     try:
         return server.proc.wait(timeout)
@@ -563,3 +854,24 @@ def test_serve_mistakes_give_one_clear_line(args, env, message):
         proc, seconds = run_cli("serve", *args, env=env, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_serve_bench_runs_end_to_end_on_a_tiny_model(tmp_path):
+    """benchmarks/serve_bench.py --tiny: the GPU section's stages (build and save, serve, load, drain, bare call,
+    report) on the CPU, so the one-GPU run works the first time."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "benchmarks/serve_bench.py", "--tiny", "--out", str(out), "--solo", "2",
+                           "--clients", "2", "--requests", "2", "--bare-runs", "1", "--model-dir",
+                           str(tmp_path / "model")], capture_output=True, text=True, timeout=580,
+                          cwd=__import__("os").path.dirname(__import__("os").path.dirname(__file__)))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads((out / "serve_bench.json").read_text())
+    assert report["serve"]["server_exit"] == 0 and report["serve"]["stopped_cleanly"]
+    assert report["serve"]["load"]["solo"]["ok"] == 2 and report["serve"]["load"]["load"]["ok"] == 2
+    assert len(report["bare"]["seconds"]) == 1 and report["overhead"]["bare_ratio"] is not None
+    assert "Target <= 3 % at p50" in (out / "serve_bench.md").read_text()

@@ -4,6 +4,11 @@
     client = Client("http://127.0.0.1:8000", api_key=None)        # or PARADIFF_API_KEY from the environment
     image = client.generate("a red circle on the left, blue background", seed=3)             # PIL image
     images = client.generate("a blue star", n=2, size="128x128", steps=20)                   # list of 2
+    changed = client.generate("a red star", image=image, strength=0.6)                       # image-to-image
+    filled = client.generate("a cat", image="photo.png", mask="mask.png")                    # inpainting models
+
+Image inputs (`image`, `mask`, `control_image`) are PIL images, encoded image bytes, or file paths, sent as base64
+PNG; they must be one of the server's sizes (the output size), since the server does not resize.
 
 Errors are `ServerError` (a `paradiff.UserError`) with the HTTP status and the server's one-line reason; a 503
 (queue full, warming up) is retried `retries` times after the server's Retry-After.
@@ -80,16 +85,24 @@ class Client:
 
     def generate(self, prompt: str, *, negative_prompt: str | None = None, size: str | int | None = None,
                  steps: int | None = None, guidance: float | None = None, seed: int | None = None, n: int = 1,
-                 output_format: str = "png", quality: int | None = None) -> Any:
-        """One PIL image (n = 1) or a list of n; image i is the image for seed + i."""
+                 output_format: str = "png", quality: int | None = None, image: Any = None, mask: Any = None,
+                 strength: float | None = None, control_image: Any = None,
+                 controlnet_conditioning_scale: float | None = None, decode: bool = True) -> Any:
+        """One PIL image (n = 1) or a list of n; image i is the image for seed + i. `image` (+ `strength`):
+        image-to-image, or with `mask` inpainting; `control_image`: ControlNet models. `decode=False`: the
+        encoded bytes instead of PIL images (to save them as they are)."""
         from PIL import Image
 
         body: dict[str, Any] = {"prompt": prompt, "n": n, "output_format": output_format,
                                 "response_format": "bytes" if n == 1 else "b64_json"}
         for name, value in (("negative_prompt", negative_prompt), ("size", size), ("steps", steps),
-                            ("guidance", guidance), ("seed", seed), ("quality", quality)):
+                            ("guidance", guidance), ("seed", seed), ("quality", quality), ("strength", strength),
+                            ("controlnet_conditioning_scale", controlnet_conditioning_scale)):
             if value is not None:
                 body[name] = f"{value}x{value}" if name == "size" and isinstance(value, int) else value
+        for name, value in (("image", image), ("mask", mask), ("control_image", control_image)):
+            if value is not None:
+                body[name] = base64.b64encode(_image_bytes(name, value)).decode("ascii")
         for attempt in range(self.retries + 1):
             status, headers, payload = self._request("POST", "/v1/images", body)
             if status == 200:
@@ -100,16 +113,33 @@ class Client:
                 continue
             self._raise(status, headers, payload)
         self.last_headers = headers
-        if n == 1:
-            image = Image.open(io.BytesIO(payload))
-            image.load()
-            return image
+        encoded = ([payload] if n == 1 else
+                   [base64.b64decode(item["b64_json"]) for item in json.loads(payload)["images"]])
+        if not decode:
+            return encoded[0] if n == 1 else encoded
         images = []
-        for item in json.loads(payload)["images"]:
-            image = Image.open(io.BytesIO(base64.b64decode(item["b64_json"])))
+        for data in encoded:
+            image = Image.open(io.BytesIO(data))
             image.load()
             images.append(image)
-        return images
+        return images[0] if n == 1 else images
+
+
+def _image_bytes(name: str, value: Any) -> bytes:
+    """The bytes to send for an image argument: a PIL image as PNG (lossless), bytes as given, a path's file."""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, (str, os.PathLike)):
+        try:
+            with open(value, "rb") as f:
+                return f.read()
+        except OSError as err:
+            raise UserError(f"{name}={str(value)!r}: cannot read it ({err.strerror}).") from None
+    if hasattr(value, "save"):
+        buf = io.BytesIO()
+        value.save(buf, format="PNG")
+        return buf.getvalue()
+    raise UserError(f"{name} must be a PIL image, image bytes or a file path, got {type(value).__name__}.")
 
 
 __all__ = ["Client", "ServerError"]

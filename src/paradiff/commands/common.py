@@ -87,7 +87,8 @@ def add_parallel_args(parser: argparse.ArgumentParser, methods: tuple[str, ...] 
     group.add_argument("--time-shift", action="store_true", default=None, help="async denoising time shift")
     group.add_argument("--compile", action="store_true", default=None,
                        help="torch.compile the parallel step (every method; GPU): minutes of compiling before the "
-                            "first image, faster steps after it")
+                            "first image, faster steps after it. With --method none: the denoiser under "
+                            "torch.compile(mode='reduce-overhead'), CUDA graphs included (the single-GPU baseline)")
     parser.set_defaults(check_before_launch=check_before_launch)
 
 
@@ -148,7 +149,7 @@ def methods_from_args(args: argparse.Namespace) -> list:
     name = getattr(args, "method", "none")
     compile = getattr(args, "compile", None)
     if name == "none":
-        for flag in ("warmup_steps", "gn_mode", "stride", "time_shift", "compile"):
+        for flag in ("warmup_steps", "gn_mode", "stride", "time_shift"):
             if getattr(args, flag, None) is not None:
                 raise UserError(f"--{flag.replace('_', '-')} needs a parallel --method.")
         return []

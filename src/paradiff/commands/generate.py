@@ -161,7 +161,18 @@ def prepare_pipeline(args: argparse.Namespace):
         parallelize(pipe, *methods)
     else:
         pipe.to(rt.device)
+        if getattr(args, "compile", None):
+            compile_serial(pipe)
     return rt, pipe
+
+
+def compile_serial(pipe) -> None:
+    """`--compile` without a parallel method: the denoiser compiled in place as the single-GPU baseline of the
+    benchmarks (`paradiff.bench.compile_model`: reduce-overhead, so CUDA graphs on a GPU); in place, so a pipeline
+    made from this one with `from_pipe` (img2img) shares it."""
+    from paradiff.plans.common import denoiser_of
+
+    denoiser_of(pipe).compile(mode="reduce-overhead")
 
 
 def run(args: argparse.Namespace) -> int:

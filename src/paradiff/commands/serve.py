@@ -28,7 +28,7 @@ seconds = float_between(0, None, "a number of seconds", "e.g. 300")
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "serve", help="HTTP image server; compiled pipelines kept warm across requests",
-        description="Serve text-to-image over HTTP (POST /v1/images, GET /health, GET /metrics, /docs). Every rank "
+        description="Serve image generation over HTTP (POST /v1/images, GET /health, GET /metrics, /docs). Every rank "
                     "loads and parallelizes the pipeline once and warms up each --sizes entry; rank 0 answers HTTP "
                     "and broadcasts each request to all ranks, one generation at a time. SIGTERM drains the queue "
                     "and exits 0; a rank that dies or hangs ends the server with a non-zero exit.")
@@ -39,6 +39,9 @@ def add_parser(sub) -> None:
     p.add_argument("--steps", type=positive_int, default=25, help="default denoising steps (and warm-up's; 25)")
     p.add_argument("--guidance", type=float, default=None,
                    help="default CFG scale (default: 3.0 for the embedded model, else the pipeline's)")
+    p.add_argument("--warmup-img2img", action=argparse.BooleanOptionalAction, default=None,
+                   help="also warm up an image-to-image generation per size (its VAE encoder path), on models "
+                        "that have one (default: with --compile)")
     http = p.add_argument_group("http")
     http.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
     http.add_argument("--port", type=port_number, default=8000, help="port (default 8000; 0: any free port)")
@@ -53,8 +56,10 @@ def add_parser(sub) -> None:
     http.add_argument("--max-steps", type=positive_int, default=None,
                       help="steps per request at most (default: max(100, --steps))")
     http.add_argument("--max-prompt-chars", type=positive_int, default=2000, help="prompt length limit (2000)")
-    http.add_argument("--max-body-bytes", type=positive_int, default=64 * 1024,
-                      help="request body limit in bytes (default 65536); larger bodies get 413")
+    http.add_argument("--max-body-bytes", type=positive_int, default=None,
+                      help="request body limit in bytes; larger bodies get 413 (default: 64 KiB, plus room for each "
+                           "image input the model takes as an uncompressed PNG of the largest size in base64: "
+                           "about 4.3 MB more per RGB image at 1024x1024)")
     http.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"),
                       help="uvicorn's log level; info and debug also log each request (default warning)")
     add_parallel_args(p)

@@ -21,12 +21,13 @@ from typing import Any, Literal, Optional
 
 from paradiff.errors import UserError
 from paradiff.serve.dispatch import Dispatcher, NotAccepting, Phase, QueueFull, ServerStopping
+from paradiff.serve.inputs import BadImage, PipelineInputs, decode_request
 from paradiff.serve.metrics import Metrics
 
 MAX_SEED = 2**53 - 1  # exact in every JSON client (JavaScript numbers)
 FORMATS = {"png": ("PNG", "image/png"), "jpeg": ("JPEG", "image/jpeg"), "webp": ("WEBP", "image/webp")}
-UNSUPPORTED_INPUTS = ("image", "init_image", "mask_image", "mask", "control_image", "controlnet_conditioning_scale",
-                      "strength", "ip_adapter_image")
+RENAMED_INPUTS = {"init_image": "image", "mask_image": "mask"}  # diffusers' names of this API's fields
+UNSUPPORTED_INPUTS = ("ip_adapter_image", "image_embeds", "latents", "prompt_embeds")
 POLL_S = 0.2  # how often a waiting request checks for a client that disconnected
 
 
@@ -47,6 +48,7 @@ class ServeOptions:
     max_prompt_chars: int = 2000
     max_images: int = 4
     max_steps: int = 100
+    inputs: Optional[PipelineInputs] = None  # the image inputs the model takes (None: text to image only)
     info: dict = field(default_factory=dict)  # shown by /health: model, method, ranks, device
 
     def __post_init__(self):
@@ -67,18 +69,21 @@ def request_model(options: ServeOptions):
     from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
     sizes = options.size_names
+    inputs = options.inputs or PipelineInputs("text-to-image", "pipeline")
+    model = f"this server's model is {inputs.describe()}"
     size_type = Literal[sizes]  # noqa: F821 - a Literal of the configured sizes: shown as an enum in the docs
     output_formats = tuple(name for name in FORMATS if _can_encode(name))
     format_type = Literal[output_formats]
 
     class ImageRequest(BaseModel):
-        """One text-to-image request. Unknown fields are refused (422)."""
+        """One request: a prompt, and the image inputs the served model takes. Unknown fields are refused (422)."""
 
         model_config = ConfigDict(extra="forbid", strict=True)
 
         prompt: str = Field(min_length=1, max_length=options.max_prompt_chars)
         negative_prompt: Optional[str] = Field(None, max_length=options.max_prompt_chars)
-        size: size_type = Field(sizes[0], description="HxW, one of the sizes the server was started with")
+        size: size_type = Field(sizes[0], description="HxW, one of the sizes the server was started with "
+                                                      "(default: the input image's size, else the first)")
         steps: int = Field(options.steps, ge=1, le=options.max_steps, description="denoising steps")
         guidance: Optional[float] = Field(None, ge=0, le=100, allow_inf_nan=False,
                                           description="classifier-free guidance scale (default: the server's)")
@@ -89,16 +94,55 @@ def request_model(options: ServeOptions):
         response_format: Literal["bytes", "b64_json"] = Field(
             "bytes", description="bytes: the encoded image as the body (n = 1); b64_json: JSON with base64 images")
         quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality")
+        image: Optional[str] = Field(
+            None, description="base64 PNG/JPEG/WebP (or a data URL) of exactly the output size: the picture to "
+                              "change (image-to-image on a text-to-image model) or to inpaint (with mask)")
+        mask: Optional[str] = Field(None, description="inpainting models: base64 mask of the image's size, white "
+                                                      "repainted, black kept")
+        strength: Optional[float] = Field(
+            None, gt=0, le=1, allow_inf_nan=False,
+            description="with image: how much of it is repainted; steps x strength denoising steps run "
+                        f"(default: the pipeline's, {inputs.strength})")
+        control_image: Optional[str] = Field(None, description="ControlNet models: base64 conditioning image of "
+                                                               "the output size")
+        controlnet_conditioning_scale: Optional[float] = Field(None, ge=0, le=10, allow_inf_nan=False,
+                                                               description="ControlNet models (default 1.0)")
 
         @model_validator(mode="before")
         @classmethod
-        def _no_image_inputs(cls, data: Any) -> Any:
+        def _known_inputs(cls, data: Any) -> Any:
             if isinstance(data, dict):
+                for key, name in RENAMED_INPUTS.items():
+                    if key in data:
+                        raise ValueError(f"{key}: this API calls it {name!r}")
                 given = [key for key in UNSUPPORTED_INPUTS if key in data]
                 if given:
-                    raise ValueError(f"{', '.join(given)}: image-to-image, inpainting and ControlNet inputs are not "
-                                     "supported by this server yet (text-to-image only)")
+                    raise ValueError(f"{', '.join(given)}: not supported by this server")
             return data
+
+        @model_validator(mode="after")
+        def _inputs_the_model_takes(self):
+            if self.mask is not None and self.image is None:
+                raise ValueError("mask needs image: the picture whose masked part is repainted")
+            if self.mask is not None and not inputs.inpaint:
+                raise ValueError(f"mask is for inpainting models; {model}")
+            if inputs.inpaint and (self.image is None or self.mask is None):
+                raise ValueError(f"{model}: give image and mask")
+            if self.image is not None and not inputs.takes_image:
+                raise ValueError(f"image: {model}, which takes no input image")
+            if self.control_image is not None and not inputs.control:
+                raise ValueError(f"control_image needs a ControlNet model; {model}")
+            if inputs.control and self.control_image is None:
+                raise ValueError(f"{model}: give control_image")
+            if self.controlnet_conditioning_scale is not None and self.control_image is None:
+                raise ValueError("controlnet_conditioning_scale needs control_image")
+            if self.strength is not None and self.image is None:
+                raise ValueError("strength applies to an input image: give image")
+            strength = self.strength if self.strength is not None else inputs.strength
+            if self.image is not None and strength is not None and int(self.steps * strength) < 1:
+                raise ValueError(f"steps x strength ({self.steps} x {strength:g}) is less than one denoising step; "
+                                 "raise steps or strength")
+            return self
 
         @field_validator("size", mode="before")
         @classmethod
@@ -128,6 +172,10 @@ def request_model(options: ServeOptions):
     return ImageRequest
 
 
+def _short(value: Any) -> bool:
+    return not isinstance(value, (dict, list, bytes)) and len(str(value)) <= 200
+
+
 def _can_encode(name: str) -> bool:
     if name != "webp":
         return True
@@ -137,10 +185,17 @@ def _can_encode(name: str) -> bool:
 
 
 def encode(images: list, output_format: str, quality: int) -> list:
-    """Encoded bytes of each PIL image (PNG lossless; JPEG/WebP at `quality`)."""
+    """Encoded bytes of each PIL image (PNG lossless, deflated on several cores; JPEG/WebP at `quality`)."""
+    import numpy as np
+
+    from paradiff.serve.png import encode_png
+
     pil_format, _ = FORMATS[output_format]
     out = []
     for image in images:
+        if pil_format == "PNG" and image.mode in ("RGB", "RGBA", "L"):
+            out.append(encode_png(np.asarray(image)))
+            continue
         buf = io.BytesIO()
         kwargs = {} if pil_format == "PNG" else {"quality": quality}
         image.save(buf, format=pil_format, **kwargs)
@@ -191,6 +246,7 @@ def create_app(options: ServeOptions, dispatcher: Dispatcher, metrics: Metrics):
     try:
         from fastapi import Depends, FastAPI, HTTPException, Request
         from fastapi.exception_handlers import request_validation_exception_handler
+        from fastapi.encoders import jsonable_encoder
         from fastapi.exceptions import RequestValidationError
         from fastapi.responses import JSONResponse, Response
         from starlette.concurrency import run_in_threadpool
@@ -199,8 +255,9 @@ def create_app(options: ServeOptions, dispatcher: Dispatcher, metrics: Metrics):
 
     ImageRequest = request_model(options)
     app = FastAPI(title="paradiff serve", version=_version(),
-                  description="Text-to-image on a persistent group of ranks (`paradiff serve`). One generation runs "
-                              "at a time on all ranks; requests wait in a bounded queue.")
+                  description="Image generation on a persistent group of ranks (`paradiff serve`): text to image, and "
+                              "the image inputs the model takes (image-to-image, inpainting, ControlNet). One "
+                              "generation runs at a time on all ranks; requests wait in a bounded queue.")
     app.state.options, app.state.dispatcher, app.state.metrics = options, dispatcher, metrics
     key = options.api_key.encode() if options.api_key else None
 
@@ -218,9 +275,12 @@ def create_app(options: ServeOptions, dispatcher: Dispatcher, metrics: Metrics):
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError):
-        if request.url.path == "/v1/images":
-            metrics.fail("invalid")
-        return await request_validation_exception_handler(request, err)
+        if request.url.path != "/v1/images":
+            return await request_validation_exception_handler(request, err)
+        metrics.fail("invalid")
+        # FastAPI echoes each error's input: the whole body for a model-level error, megabytes with an image
+        errors = [{k: v for k, v in e.items() if k != "input" or _short(v)} for e in err.errors()]
+        return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
 
     def refuse(status: int, detail: str, reason: str, retry_after: Optional[int] = None):
         metrics.fail(reason)
@@ -240,10 +300,23 @@ def create_app(options: ServeOptions, dispatcher: Dispatcher, metrics: Metrics):
         JSON `{"images": [{"b64_json", "seed"}], ...}`; headers X-Seed, X-Queue-Seconds, X-Generation-Seconds."""
         start = time.monotonic()
         height, width = (int(v) for v in body.size.split("x"))
+        images = {name: getattr(body, name) for name in ("image", "mask", "control_image")
+                  if getattr(body, name) is not None}
+        arrays = {}
+        if images:
+            given = (height, width) if "size" in body.model_fields_set else None
+            try:
+                (height, width), arrays = await run_in_threadpool(decode_request, images, given, options.sizes)
+            except BadImage as err:
+                metrics.fail("invalid")
+                return JSONResponse({"detail": [{"type": "value_error", "loc": ["body", err.field],
+                                                 "msg": f"{err.field} {err}"}]}, status_code=422)
+        size = f"{height}x{width}"
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
         params = {"prompt": body.prompt, "negative_prompt": body.negative_prompt, "height": height, "width": width,
                   "steps": body.steps, "guidance": body.guidance if body.guidance is not None else options.guidance,
-                  "seed": seed, "n": body.n}
+                  "seed": seed, "n": body.n, "strength": body.strength,
+                  "controlnet_conditioning_scale": body.controlnet_conditioning_scale, **arrays}
         try:
             job = dispatcher.submit(params)
         except NotAccepting as err:
@@ -268,10 +341,11 @@ def create_app(options: ServeOptions, dispatcher: Dispatcher, metrics: Metrics):
             return refuse(503, str(err), "error", dispatcher.retry_after())
         except Exception as err:  # noqa: BLE001 - the same failure on every rank: this request only
             return refuse(500, f"the generation failed: {type(err).__name__}: {err}", "error")
+        encoding = time.perf_counter()
         payloads = await run_in_threadpool(encode, list(result)[: body.n], body.output_format, body.quality)
-        size = body.size
+        encode_s = time.perf_counter() - encoding
         headers = {"X-Seed": str(seed), "X-Queue-Seconds": f"{job.queue_s or 0.0:.4f}",
-                   "X-Generation-Seconds": f"{job.generation_s or 0.0:.4f}"}
+                   "X-Generation-Seconds": f"{job.generation_s or 0.0:.4f}", "X-Encode-Seconds": f"{encode_s:.4f}"}
         metrics.queue_wait_seconds.labels(size).observe(job.queue_s or 0.0)
         metrics.generation_seconds.labels(size).observe(job.generation_s or 0.0)
         metrics.images.labels(size).inc(len(payloads))

@@ -47,9 +47,24 @@ def default_size(pipe) -> tuple[int, int]:
     return sample * scale, sample * scale
 
 
-def make_runner(pipe, embedded_model: bool):
-    """One request's pipeline call on this rank, built the way `paradiff generate` builds its call."""
+def serving_pipelines(pipe):
+    """(the inputs `pipe` takes, its Img2Img pipeline or None): image-to-image for the models that have one."""
+    from paradiff.serve.inputs import image_to_image, pipeline_inputs
+
+    inputs = pipeline_inputs(pipe)
+    img2img = image_to_image(pipe) if inputs.kind in ("text-to-image", "controlnet") else None
+    if img2img is not None:
+        inputs = pipeline_inputs(pipe, img2img)
+        if hasattr(img2img, "set_progress_bar_config"):
+            img2img.set_progress_bar_config(disable=True)
+    return inputs, img2img
+
+
+def make_runner(pipe, embedded_model: bool, img2img=None):
+    """One request's pipeline call on this rank, built the way `paradiff generate` builds its call. A request with
+    an image and no mask on a model that is not an inpainting one runs `img2img` (its output is the image's size)."""
     from paradiff.commands.generate import generators, pipeline_kwargs
+    from paradiff.serve.inputs import picture
 
     def run(params: dict) -> list:
         n = params["n"]
@@ -58,14 +73,46 @@ def make_runner(pipe, embedded_model: bool):
                                  embedded_model=embedded_model)
         if n > 1:
             kwargs["num_images_per_prompt"] = n
-        return pipe(params["prompt"], generator=generators(params["seed"], n), **kwargs).images
+        call = pipe
+        image, mask, control = (params.get(name) for name in ("image", "mask", "control_image"))
+        if image is not None:
+            if mask is None:
+                call = img2img
+                del kwargs["height"], kwargs["width"]
+            else:
+                kwargs["mask_image"] = picture(mask)
+            kwargs["image"] = picture(image)
+        if control is not None:  # a ControlNet text-to-image pipeline calls its conditioning `image`
+            kwargs["control_image" if "image" in kwargs else "image"] = picture(control)
+        for name in ("strength", "controlnet_conditioning_scale"):
+            if params.get(name) is not None:
+                kwargs[name] = params[name]
+        return call(params["prompt"], generator=generators(params["seed"], n), **kwargs).images
 
     return run
 
 
-def warmup_requests(sizes, steps: int, guidance: float | None) -> list[dict]:
-    return [{"prompt": "warm-up", "negative_prompt": None, "height": h, "width": w, "steps": steps,
-             "guidance": guidance, "seed": 0, "n": 1} for h, w in sizes]
+def warmup_requests(sizes, steps: int, guidance: float | None, inputs=None, img2img: bool = False) -> list[dict]:
+    """One generation per size with the inputs the model needs (a gray picture, a centred square mask, a gray
+    control image), and with `img2img` an image-to-image one per size too (its VAE encoder path)."""
+    import numpy as np
+
+    jobs = []
+    for h, w in sizes:
+        base = {"prompt": "warm-up", "negative_prompt": None, "height": h, "width": w, "steps": steps,
+                "guidance": guidance, "seed": 0, "n": 1}
+        gray = np.full((h, w, 3), 128, np.uint8)
+        needs = {}
+        if inputs is not None and inputs.inpaint:
+            mask = np.zeros((h, w, 1), np.uint8)
+            mask[h // 4: 3 * h // 4, w // 4: 3 * w // 4] = 255
+            needs.update(image=gray, mask=mask)
+        if inputs is not None and inputs.control:
+            needs["control_image"] = gray
+        jobs.append({**base, **needs})
+        if img2img and inputs is not None and inputs.img2img:
+            jobs.append({**base, **needs, "image": gray})
+    return jobs
 
 
 def _stop_unless_rank0_drains(dispatcher, rank: int, name: str) -> None:
@@ -97,6 +144,7 @@ def serve(args: argparse.Namespace) -> int:
     from paradiff.commands.generate import prepare_pipeline
     from paradiff.serve.app import HttpServer, LateApp, ServeOptions, bind, create_app, url
     from paradiff.serve.dispatch import Dispatcher, Phase, RankFailure
+    from paradiff.serve.inputs import body_limit
     from paradiff.serve.metrics import Metrics
 
     key = api_key(args)
@@ -133,24 +181,30 @@ def serve(args: argparse.Namespace) -> int:
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)  # a bar per request on a server's log is noise
         sizes = list(dict.fromkeys(args.sizes or [default_size(pipe)]))
-        dispatcher.runner = make_runner(pipe, embedded_model=args.model is None)
+        inputs, img2img = serving_pipelines(pipe)
+        dispatcher.runner = make_runner(pipe, embedded_model=args.model is None, img2img=img2img)
+        warm_img2img = args.warmup_img2img if args.warmup_img2img is not None else bool(args.compile)
         if rt.is_main:
             options = ServeOptions(
                 sizes=sizes, steps=args.steps, guidance=args.guidance, timeout_s=args.timeout, api_key=key,
-                max_body_bytes=args.max_body_bytes, max_prompt_chars=args.max_prompt_chars,
-                max_images=args.max_images, max_steps=args.max_steps,
+                max_body_bytes=args.max_body_bytes or body_limit(sizes, inputs),
+                max_prompt_chars=args.max_prompt_chars, max_images=args.max_images, max_steps=args.max_steps,
+                inputs=inputs,
                 info={"model": args.model or "embedded reference model", "method": args.method,
-                      "ranks": rt.world_size, "device": rt.device.type})
+                      "ranks": rt.world_size, "device": rt.device.type, "pipeline": inputs.class_name,
+                      "image_inputs": list(inputs.image_fields())})
             metrics = Metrics(queue_depth=dispatcher.depth, busy=lambda: float(dispatcher.busy),
                               ready=lambda: float(dispatcher.phase is Phase.READY))
             dispatcher.watch = http.problem
             late.app = create_app(options, dispatcher, metrics)
             _log(f"paradiff serve: loaded in {time.perf_counter() - start:.1f} s on {rt.world_size} rank(s) "
                  f"({rt.device.type}); warming up {', '.join(f'{h}x{w}' for h, w in sizes)}")
-        seconds = dispatcher.warm_up(warmup_requests(sizes, args.steps, args.guidance))
+        jobs = warmup_requests(sizes, args.steps, args.guidance, inputs, img2img=warm_img2img)
+        seconds = dispatcher.warm_up(jobs)
         serving = True
         if rt.is_main:
-            timings = ", ".join(f"{h}x{w} {s:.1f} s" for (h, w), s in zip(sizes, seconds))
+            timings = ", ".join(f"{j['height']}x{j['width']}{' img2img' if 'image' in j and 'mask' not in j else ''}"
+                                f" {s:.1f} s" for j, s in zip(jobs, seconds))
             _log(f"paradiff serve: ready on {address} (warm-up: {timings}; method {args.method}, "
                  f"{rt.world_size} rank(s), queue {args.max_queue})")
         dispatcher.run()

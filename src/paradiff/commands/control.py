@@ -99,14 +99,17 @@ def controlnet_pipeline(pipe: Any, args: argparse.Namespace, dtype: Any) -> Any:
     import diffusers
 
     cls = type(pipe).__name__
-    if not args.controlnet and cls not in BASE_OF:
+    refs, img2img = getattr(args, "controlnet", None), getattr(args, "image", None)  # serve has no --image
+    if not refs and cls not in BASE_OF:
         return pipe
+    if cls not in BASE_OF and cls not in CONTROLNET_PIPELINES:
+        raise UserError(f"--controlnet needs an SD 1.x/2.x or SDXL text-to-image model; this model is a {cls}.")
     pair = CONTROLNET_PIPELINES[BASE_OF.get(cls, cls)]
     extra = {}
-    if args.controlnet:
-        nets = [_load_controlnet(ref, dtype) for ref in args.controlnet]
+    if refs:
+        nets = [_load_controlnet(ref, dtype) for ref in refs]
         extra["controlnet"] = nets[0] if len(nets) == 1 else diffusers.MultiControlNetModel(nets)
-    target = getattr(diffusers, pair[1 if args.image else 0])
+    target = getattr(diffusers, pair[1 if img2img else 0])
     return pipe if (type(pipe) is target and not extra) else target.from_pipe(pipe, **extra)
 
 

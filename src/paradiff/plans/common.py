@@ -27,6 +27,17 @@ def denoiser_of(pipe: Any) -> torch.nn.Module:
     return getattr(pipe, denoiser_name(pipe))
 
 
+def meta_model(cls: type, config: dict) -> torch.nn.Module:
+    """`cls.from_config(config)` on the meta device, nothing allocated. A few diffusers layers make parameters
+    with the legacy `torch.Tensor([...])` constructor, which ignores the device context (SVD's `AlphaBlender`
+    mix factors): they are moved to the meta device too, so a meta forward does not meet a CPU tensor."""
+    with torch.device("meta"):
+        model = cls.from_config(config)
+    if any(p.device.type != "meta" for p in model.parameters()):
+        torch.nn.Module.to(model, "meta")  # plain Module.to: diffusers' override warns about fp32 modules
+    return model
+
+
 def vae_scale_factor(pipe: Any) -> int:
     """Pixels per latent row: the pipeline's own figure, else 2 per VAE down block beyond the first, else 8."""
     scale = getattr(pipe, "vae_scale_factor", None)
@@ -93,6 +104,28 @@ def timestep_of(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
     return kwargs.get("timestep")
 
 
+MOTION_DENOISERS = ("UNetMotionModel",)
+"""Denoisers whose sample is [batch, channels, frames, rows, cols] and whose pipeline repeats the prompt embeddings
+once per frame (AnimateDiff)."""
+SVD_DENOISERS = ("UNetSpatioTemporalConditionModel",)
+"""Denoisers whose sample is [batch, frames, channels, rows, cols], conditioned on an image embedding and 3 added
+time ids (Stable Video Diffusion)."""
+MOTION_FRAMES = 16  # AnimateDiff's default number of frames (the example call's)
+
+
+def _is(model: Any, names: tuple[str, ...]) -> bool:
+    return any(cls.__name__ in names for cls in type(model).__mro__)
+
+
+def frames_per_batch_row(model: torch.nn.Module, args: tuple, kwargs: dict) -> int:
+    """How many rows of a conditioning input belong to one batch element: the frames for AnimateDiff, whose pipeline
+    repeats the prompt embeddings per frame ([batch x frames, tokens, width]); 1 for every other denoiser."""
+    if not _is(model, MOTION_DENOISERS):
+        return 1
+    sample = args[0] if args else kwargs.get("sample")
+    return int(sample.shape[2]) if isinstance(sample, torch.Tensor) and sample.dim() == 5 else 1
+
+
 def _side(sample_size: Any) -> tuple[int, int]:
     if isinstance(sample_size, (list, tuple)):
         return int(sample_size[0]), int(sample_size[1])
@@ -129,11 +162,16 @@ def class_labels(model: torch.nn.Module, batch: int, *, device: Any = "meta", dt
 
 
 def example_inputs(model: torch.nn.Module, batch: int = 2, height: int | None = None, width: int | None = None, *,
-                   device: Any = "meta", dtype: torch.dtype = torch.float32, seed: int = 0) -> dict:
+                   device: Any = "meta", dtype: torch.dtype = torch.float32, seed: int = 0,
+                   frames: int | None = None) -> dict:
     """Keyword arguments of one denoiser call at `height` x `width` latent rows/columns (default: the model's
     sample size): empty tensors on the meta device (tracing), else seeded random values. UNets get `in_channels`
     input channels (9 for inpainting: latent, mask, masked-image latent; 7 for the x4 upscaler: latent, low-res
-    image), SDXL's added conditioning and, with a class embedding, `class_labels` (see `class_labels`)."""
+    image), SDXL's added conditioning and, with a class embedding, `class_labels` (see `class_labels`). Video
+    UNets get `frames` frames (default: SVD's `num_frames`, AnimateDiff's 16, at most its motion modules'
+    `motion_max_seq_length`): SVD a 5-D sample, one image
+    embedding per video and its 3 added time ids (fps, motion bucket, noise augmentation); AnimateDiff a 5-D sample
+    and the prompt embeddings once per frame, as their pipelines call them."""
     config = model.config
     device = torch.device(device)
     default_h, default_w = _side(config.get("sample_size"))
@@ -154,8 +192,16 @@ def example_inputs(model: torch.nn.Module, batch: int = 2, height: int | None = 
         raise UserError(f"paradiff does not know the inputs of {type(model).__name__} yet.")
     cross = config.cross_attention_dim
     cross = cross[0] if isinstance(cross, (list, tuple)) else cross
-    kwargs: dict = dict(sample=randn(batch, config.in_channels, h, w), timestep=timestep,
-                        encoder_hidden_states=randn(batch, 77, cross))
+    if _is(model, SVD_DENOISERS):
+        frames = frames or config.num_frames
+        ids = torch.tensor([[6.0, 127.0, 0.02]] * batch)  # fps - 1, motion bucket id, noise augmentation
+        return dict(sample=randn(batch, frames, config.in_channels, h, w), timestep=timestep,
+                    encoder_hidden_states=randn(batch, 1, cross),
+                    added_time_ids=ids.to(device, dtype) if device.type != "meta" else randn(batch, 3))
+    motion = _is(model, MOTION_DENOISERS)
+    frames = (frames or min(MOTION_FRAMES, config.get("motion_max_seq_length") or MOTION_FRAMES)) if motion else 1
+    sample = randn(batch, config.in_channels, frames, h, w) if motion else randn(batch, config.in_channels, h, w)
+    kwargs: dict = dict(sample=sample, timestep=timestep, encoder_hidden_states=randn(batch * frames, 77, cross))
     labels = class_labels(model, batch, device=device, dtype=dtype, generator=generator)
     if labels is not None:
         kwargs["class_labels"] = labels

@@ -68,11 +68,50 @@ def _play(cases: list) -> dict:
         pipe = paradiff.parallelize(_build(family), *(_method(name, exact) for name in methods.split("+")))
         pipe.set_progress_bar_config(disable=True)
         result = {"latent": _call(pipe, family), "serial": serial}
+        if family == "svd":  # rank 0 encodes the image, the others take its embedding
+            result["image_encoder_params"] = sum(p.numel() for p in pipe.image_encoder.parameters())
         if exact:
             result["np"] = _call(pipe, family, "np")
             result["np_serial"] = _call(_build(family), family, "np")
         out[(family, methods, exact)] = result
     return out
+
+
+def _extras() -> dict:
+    """On every rank: SD3 under PatchParallel (one UserError line); a bare SVD UNet under CFGParallel whose two
+    batch rows have different `added_time_ids` (fps 6 and 20) and image embeddings: each rank's half must get its
+    own row's (a wrong split would give rank 1 the uncond row's ids, or both)."""
+    import paradiff
+    from paradiff import runtime
+    from paradiff.errors import UserError
+    from paradiff.methods.cfg import apply_to_module
+    from paradiff.plans.common import example_inputs
+    from support.models import tiny_svd_unet
+
+    out = {}
+    try:
+        paradiff.parallelize(_build("sd3"), paradiff.PatchParallel())
+        out["sd3_patch"] = "no error"
+    except UserError as err:
+        out["sd3_patch"] = str(err)
+    unet = tiny_svd_unet()
+    kwargs = example_inputs(unet, 2, 8, 8, device="cpu", frames=FRAMES)
+    kwargs["added_time_ids"] = torch.tensor([[6.0, 127.0, 0.02], [20.0, 127.0, 0.02]])
+    with torch.no_grad():
+        serial = unet(**kwargs).sample
+        same = unet(**{**kwargs, "added_time_ids": kwargs["added_time_ids"][[1, 1]]}).sample
+    apply_to_module(unet, runtime.mesh({"cfg": 2}).get_group("cfg"))
+    seen = []
+    unet.add_time_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].tolist()))
+    with torch.no_grad():
+        parallel = unet(**kwargs).sample
+    out.update(cfg_diff=float((parallel - serial).abs().max()), seen=seen,
+               ids_matter=float((serial[0] - same[0]).abs().max()))
+    return out
+
+
+def _play_all(cases: list) -> dict:
+    return {"cases": _play(cases), "extras": _extras()}
 
 
 def _diff(a, b) -> float:
@@ -111,7 +150,8 @@ def _check_exact(ranks: list, cases: list) -> list[str]:
 def test_video_and_sd3_pipelines_under_every_method_two_ranks():
     """Exact modes equal serial on rank 0 (latents within 1e-4 of their scale, decoded frames too; blank on rank 1,
     which does not decode); the stale modes (warm-up 1) run and differ from serial."""
-    ranks = run_ranks(_play, 2, EXACT_CASES + STALE_CASES, timeout=360)
+    outputs = run_ranks(_play_all, 2, EXACT_CASES + STALE_CASES, timeout=360)
+    ranks = [out["cases"] for out in outputs]
     bad = _check_exact(ranks, EXACT_CASES)
     for case in STALE_CASES:
         result = ranks[0][case]
@@ -119,3 +159,130 @@ def test_video_and_sd3_pipelines_under_every_method_two_ranks():
         if not (np.isfinite(result["latent"]).all() and diff > _tolerance(result["serial"])):
             bad.append(f"{case[0]}/{case[1]} stale: max diff {diff:.3g} (should differ from serial, finitely)")
     assert not bad, "; ".join(bad)
+    assert ranks[0][("svd", "cfg", True)]["image_encoder_params"] > 0
+    assert ranks[1][("svd", "cfg", True)]["image_encoder_params"] == 0
+    for rank, out in enumerate(outputs):
+        extras = out["extras"]
+        message = extras["sd3_patch"]
+        assert "patch parallelism supports UNet2DConditionModel" in message and "SD3Transformer2DModel" in message \
+            and "\n" not in message, message
+        assert extras["ids_matter"] > 1e-4 and extras["cfg_diff"] < 1e-5, extras
+        want = [[6.0, 127.0, 0.02], [20.0, 127.0, 0.02]][rank]  # this rank's row, flattened by the UNet
+        assert len(extras["seen"]) == 1 and np.allclose(extras["seen"][0], want), extras["seen"]
+
+
+class _Slots:
+    """Stands in for the stale exchange when only the plan's choices are looked at (hooks take a slot, no more)."""
+
+    def __init__(self):
+        self.count = 0
+
+    def slot(self) -> int:
+        self.count += 1
+        return self.count
+
+
+def _planned(model) -> dict[str, str]:
+    """module name -> the hook class the video patch plan puts on it."""
+    from paradiff.plans import unet2d, video
+
+    hooked: dict[str, str] = {}
+    unet2d.apply(model, _Slots(), "corrected", lambda m, hook, name: hooked.setdefault(name, type(hook).__name__),
+                 plan=video.patch_plan(model))
+    return hooked
+
+
+@pytest.mark.parametrize("family", ["svd", "animatediff"])
+def test_patch_plan_of_the_temporal_layers(family):
+    """Temporal self-attention (over frames) gets no FullKV, temporal GroupNorms (frames x rows) get whole-image
+    statistics, temporal convs (frames only) get no halo; the spatial layers keep the 2-D table's hooks."""
+    from support.models import tiny_motion_unet, tiny_svd_unet
+
+    model = tiny_svd_unet() if family == "svd" else tiny_motion_unet()
+    hooked = _planned(model)
+    temporal = "temporal_transformer_blocks" if family == "svd" else "motion_modules"
+    names = dict(model.named_modules())
+    temporal_norms = [n for n, m in names.items() if isinstance(m, torch.nn.GroupNorm)
+                      and (temporal in n or "temporal_res_block" in n)]
+    assert temporal_norms and all(hooked.get(n) == "PatchGroupNorm" for n in temporal_norms), temporal_norms
+    assert not [n for n in hooked if temporal in n and ".attn" in n]  # frames attention: no FullKV
+    spatial_kv = [n for n in hooked if n.endswith("attn1.to_k") and temporal not in n]
+    assert spatial_kv and all(hooked[n] == "FullKV" for n in spatial_kv)
+    convs3d = [n for n, m in names.items() if isinstance(m, torch.nn.Conv3d)]
+    assert (family == "animatediff" or convs3d) and not [n for n in convs3d if n in hooked]
+    assert all(hooked[n] == "HaloConv2d" for n, m in names.items()
+               if isinstance(m, torch.nn.Conv2d) and m.kernel_size[0] > 1)
+
+
+def test_patch_plan_refuses_a_temporal_layer_that_reads_rows():
+    """A temporal block with a conv over rows would be computed per patch without a halo: refused in one line."""
+    from diffusers.models.resnet import TemporalResnetBlock
+
+    from paradiff.errors import UserError
+    from paradiff.plans import unet2d, video
+
+    block = TemporalResnetBlock(32, 32, temb_channels=None)
+    block.conv1 = torch.nn.Conv3d(32, 32, (3, 3, 3), padding=1)
+    with pytest.raises(UserError, match=r"patch parallelism has no rule for 0\.conv1 \(Conv3d\)"):
+        unet2d.apply(torch.nn.Sequential(block), _Slots(), "corrected", lambda *a: None, plan=video.VIDEO_PATCH_PLAN)
+
+
+@pytest.mark.parametrize("arch, component, count", [
+    ("stable-video-diffusion-img2vid-xt", None, 1_524_623_082),
+    ("animatediff-motion-adapter-v1-5-2", "motion_adapter", 453_209_280),
+    ("animatediff-motion-adapter-v1-5-2", None, 1_312_730_244),  # UNetMotionModel: SD 1.5's UNet + v1-5-2
+    ("animatediff-motion-adapter-v1-5-3", "motion_adapter", 417_137_600),  # no mid block
+    ("stable-diffusion-3-medium-diffusers", None, 2_028_328_000),
+    ("stable-diffusion-3.5-large", None, 8_056_627_520),
+])
+def test_shipped_parameter_counts(arch, component, count):
+    from paradiff import archs
+
+    assert archs.parameter_count(arch, component) == count
+
+
+@pytest.mark.parametrize("alias, name, pipeline", [
+    ("svd-xt", "stable-video-diffusion-img2vid-xt", "StableVideoDiffusionPipeline"),
+    ("animatediff", "animatediff-motion-adapter-v1-5-2", "AnimateDiffPipeline"),
+    ("sd3-medium", "stable-diffusion-3-medium-diffusers", "StableDiffusion3Pipeline"),
+])
+def test_video_and_sd3_pipelines_build_on_meta(alias, name, pipeline):
+    """Whole pipelines with random weights, nothing allocated: SVD with its image encoder, AnimateDiff without the
+    separate adapter (its modules are in the UNetMotionModel), SD3 without T5 (zeros take its place)."""
+    from paradiff import archs
+
+    assert archs.resolve(alias) == archs.resolve(name) == archs.resolve(f"someone/{name}")
+    pipe = archs.build_pipeline(alias, device="meta")
+    assert type(pipe).__name__ == pipeline
+    if alias == "svd-xt":
+        assert pipe.image_encoder is not None and pipe.unet.config.num_frames == 25
+    if alias == "animatediff":
+        assert type(pipe.unet).__name__ == "UNetMotionModel" and pipe.motion_adapter is None
+    if alias == "sd3-medium":
+        assert pipe.text_encoder_3 is None and pipe.text_encoder_2 is not None
+
+
+@pytest.mark.parametrize("arch", ["svd-xt", "animatediff", "sd3-medium"])
+def test_async_splits_of_the_real_configs_are_balanced(arch):
+    from paradiff import archs
+    from paradiff.methods.split import split
+
+    plan = split(archs.build_model(arch, device="meta"), 2)
+    assert plan.balance <= 1.3, (arch, plan.balance)
+
+
+def test_example_inputs_of_the_video_unets():
+    """The call the async trace, `bench` and the tests make: SVD [batch, frames, 8, rows, cols] with one image
+    embedding per video and 3 time ids; AnimateDiff [batch, 4, frames, rows, cols] with the prompt embeddings once
+    per frame (at most the motion modules' sequence length)."""
+    from paradiff.plans.common import example_inputs
+    from support.models import tiny_motion_unet, tiny_svd_unet
+
+    svd = example_inputs(tiny_svd_unet(), 2, 8, 8, device="cpu")
+    assert svd["sample"].shape == (2, 2, 8, 8, 8) and svd["added_time_ids"].shape == (2, 3)
+    assert svd["encoder_hidden_states"].shape == (2, 1, 32)
+    motion = tiny_motion_unet()
+    kwargs = example_inputs(motion, 2, 8, 8, device="cpu")
+    assert kwargs["sample"].shape == (2, 4, 8, 8, 8) and kwargs["encoder_hidden_states"].shape == (16, 77, 32)
+    with torch.no_grad():
+        assert motion(**example_inputs(motion, 2, 8, 8, device="cpu", frames=3)).sample.shape == (2, 4, 3, 8, 8)

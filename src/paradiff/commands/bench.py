@@ -71,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
     from paradiff import archs, bench, runtime
     from paradiff.parallel import parallelize
     from paradiff.pipelines import torch_dtype
+    from paradiff.plans.common import denoiser_name, denoiser_of
 
     rt = runtime.init(args.device)
     dtype = torch_dtype(args.dtype, rt.device)
@@ -86,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
 
         stride = args.stride or 1
         components = max(1, (args.nproc or 2) - (stride - 1))  # the paper's rule: N + stride - 1 ranks
-        model = archs.build_model(arch, device="meta") if arch else load_model(args).unet
+        model = archs.build_model(arch, device="meta") if arch else denoiser_of(load_model(args))
         print(explain_split(model, components))
         return 0
 
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     what = ("step", "e2e") if args.what == "all" else (args.what,)
     if "step" in what and not methods:
         model = archs.build_model(arch, dtype=dtype, device=rt.device) if arch else \
-            load_model(args, dtype=dtype).unet.to(rt.device)
+            denoiser_of(load_model(args, dtype=dtype)).to(rt.device)
         height, width = args.size or _native_size(model)
         rows += bench.bench_denoiser(model, batch=args.batch, height=height, width=width, dtype=dtype,
                                      device=rt.device, variants=args.variants, runs=args.runs, warmup=args.warmup,
@@ -104,15 +105,16 @@ def run(args: argparse.Namespace) -> int:
         pipe = archs.build_pipeline(arch, dtype=dtype, device=rt.device) if arch else \
             load_model(args, dtype=dtype).to(rt.device)
         pipe.set_progress_bar_config(disable=True)
-        denoiser = pipe.unet
+        name = denoiser_name(pipe)  # unet, or an SD3 pipeline's transformer
+        denoiser = getattr(pipe, name)
         height, width = args.size or _native_size(denoiser, pipe)
         e2e_runs = max(1, args.runs // 4)
         common = dict(prompt="an astronaut riding a horse", steps=args.steps, height=height, width=width,
                       guidance=args.guidance, device=rt.device, runs=e2e_runs, warmup=max(1, min(args.warmup, 2)))
         for variant in args.variants:  # every rank measures the single-device baseline on its own device
-            pipe.unet = denoiser if variant == "eager" else bench.compile_model(denoiser, args.compile_mode)
+            setattr(pipe, name, denoiser if variant == "eager" else bench.compile_model(denoiser, args.compile_mode))
             rows += bench.bench_pipeline(pipe, variant=variant, **common)
-        pipe.unet = denoiser
+        setattr(pipe, name, denoiser)
         torch._dynamo.reset()
         if methods:
             runtime.barrier()

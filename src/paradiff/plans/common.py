@@ -52,6 +52,15 @@ UPSCALE_PIPELINES = ("StableDiffusionUpscalePipeline",)
 """Pipelines that denoise at their input image's size (one latent row per input pixel row; the output is
 `vae_scale_factor` times larger): the SD x4 upscaler."""
 INPAINT_PIPELINES = ("StableDiffusionInpaintPipeline", "StableDiffusionXLInpaintPipeline")
+IMAGE_TO_VIDEO_PIPELINES = ("StableVideoDiffusionPipeline",)
+"""Pipelines that animate an input image and take no prompt (Stable Video Diffusion)."""
+VIDEO_PIPELINES = IMAGE_TO_VIDEO_PIPELINES + ("AnimateDiffPipeline",)
+"""Pipelines whose output is frames (`.frames`), with a `num_frames` argument."""
+
+
+def takes_prompt(pipe: Any) -> bool:
+    """Whether the pipeline's call takes a text prompt (SVD's does not)."""
+    return "prompt" in inspect.signature(type(pipe).__call__).parameters
 
 
 def pixels_per_latent_row(pipeline_class: str, scale: int) -> tuple[int, str]:
@@ -70,11 +79,13 @@ def row_pixels(pipe: Any) -> tuple[int, str]:
 def image_inputs(pipe: Any, height: int, width: int) -> dict:
     """Call arguments an image-conditioned pipeline needs beside the prompt, for a `height` x `width` output
     (benchmarks: the values do not matter for speed): inpainting a gray image and a centred square mask; the
-    x4 upscaler a gray input image `row_pixels` times smaller, in place of height/width (it has none). {} for
-    text-to-image pipelines."""
+    x4 upscaler a gray input image `row_pixels` times smaller, in place of height/width (it has none); SVD a gray
+    image to animate. {} for text-to-image pipelines."""
     from PIL import Image
 
     names = {cls.__name__ for cls in type(pipe).__mro__}
+    if names & set(IMAGE_TO_VIDEO_PIPELINES):
+        return {"image": Image.new("RGB", (width, height), (128, 128, 128))}
     if names & set(UPSCALE_PIPELINES):
         scale = vae_scale_factor(pipe)
         return {"image": Image.new("RGB", (width // scale, height // scale), (128, 128, 128)),

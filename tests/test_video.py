@@ -286,3 +286,115 @@ def test_example_inputs_of_the_video_unets():
     assert kwargs["sample"].shape == (2, 4, 8, 8, 8) and kwargs["encoder_hidden_states"].shape == (16, 77, 32)
     with torch.no_grad():
         assert motion(**example_inputs(motion, 2, 8, 8, device="cpu", frames=3)).sample.shape == (2, 4, 3, 8, 8)
+
+
+COMBINED_CASES = [("svd", "cfg+patch", True), ("animatediff", "cfg+async", True)]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_combined_methods_four_ranks():
+    """CFG x patch and CFG x async on 4 ranks ({"cfg": 2, "patch"/"async": 2}), exact modes equal serial."""
+    ranks = run_ranks(_play, 4, COMBINED_CASES, timeout=360)
+    bad = _check_exact(ranks, COMBINED_CASES)
+    assert not bad, "; ".join(bad)
+
+
+# -- the CLI: `paradiff generate` on saved SVD / AnimateDiff / SD3 folders -----------------------------------------
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """The tiny pipelines written with save_pretrained, and a 32x32 picture to animate."""
+    from support.models import tiny_animatediff_pipeline, tiny_sd3_pipeline, tiny_svd_pipeline
+
+    root = tmp_path_factory.mktemp("video")
+    tiny_svd_pipeline().save_pretrained(root / "svd")
+    tiny_animatediff_pipeline().save_pretrained(root / "animatediff")
+    tiny_sd3_pipeline().save_pretrained(root / "sd3")
+    _image().save(root / "image.png")
+    return root
+
+
+def _frames(path) -> list:
+    from PIL import Image, ImageSequence
+
+    if path.is_dir():
+        return [np.asarray(Image.open(p).convert("RGB"), np.int16) for p in sorted(path.glob("*.png"))]
+    return [np.asarray(f.convert("RGB"), np.int16) for f in ImageSequence.Iterator(Image.open(path))]
+
+
+def test_generate_writes_videos(folders, capsys):
+    """The pipeline class comes from model_index.json: SVD animates --image into a gif (no prompt), AnimateDiff
+    writes --num-frames PNG frames into a folder, SD3 writes one image (in this process: the CLI's serial path)."""
+    from PIL import Image
+
+    from paradiff.cli import main
+
+    runs = [(["--model", str(folders / "svd"), "--image", str(folders / "image.png"), "--num-frames", "2"], "svd.gif"),
+            (["a red circle", "--model", str(folders / "animatediff"), "--size", "32", "--num-frames", "2"], "frames"),
+            (["a red circle", "--model", str(folders / "sd3"), "--size", "32"], "sd3.png")]
+    for args, name in runs:
+        assert main(["generate", *args, "--steps", "2", "-o", str(folders / name)]) == 0, capsys.readouterr().err
+        assert "wrote" in capsys.readouterr().out
+    assert [f.shape for f in _frames(folders / "svd.gif")] == [(32, 32, 3)] * 2
+    assert [f.shape for f in _frames(folders / "frames")] == [(32, 32, 3)] * 2
+    assert Image.open(folders / "sd3.png").size == (32, 32)
+
+
+@pytest.mark.parametrize("model, args, message", [
+    ("sd3", ["a cat", "--num-frames", "2"], "--num-frames is for video models (AnimateDiff, Stable Video Diffusion)"),
+    ("sd3", ["a cat", "-o", "out.gif"], "makes one image (StableDiffusion3Pipeline); give an image file"),
+    ("sd3", ["a cat", "--method", "patch", "--nproc", "2"], "denoiser is a SD3Transformer2DModel "
+                                                             "(StableDiffusion3Pipeline); use --method cfg, async"),
+    ("svd", [], "is an image-to-video model (StableVideoDiffusionPipeline): give --image"),
+    ("svd", ["a cat", "--image", "image.png"], "it takes no prompt, only --image."),
+    ("svd", ["--image", "image.png", "-o", "out.png"], "makes a video (StableVideoDiffusionPipeline); give .mp4"),
+    ("animatediff", [], "give a prompt"),
+    ("animatediff", ["a cat", "--num-frames", "9"], "--num-frames 9: "),
+    ("animatediff", ["a cat", "--image", "image.png"], "--image needs an inpainting model (with --mask), the x4 "
+                                                       "upscaler or an image-to-video model"),
+    # 4 patches of the tiny motion UNet need 8 latent rows: 16 px of image (2 px per row)
+    ("animatediff", ["a cat", "--size", "40x32", "--method", "patch", "--nproc", "4"], "got 20 latent rows (40 px)"),
+])
+def test_generate_video_mistakes_are_one_line_before_any_rank(folders, monkeypatch, capsys, model, args, message):
+    from paradiff import launch
+    from paradiff.cli import main
+
+    def no_launch(*_, **__):
+        raise AssertionError("ranks were started")
+
+    monkeypatch.setattr(launch, "launch", no_launch)
+    monkeypatch.chdir(folders)
+    assert main(["generate", *args, "--model", str(folders / model)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("paradiff: error: ") and message in err and "\n" not in err, err
+
+
+def test_generate_mp4_needs_ffmpeg(folders, monkeypatch, capsys):
+    """An .mp4 needs imageio-ffmpeg: without it, one line before anything runs (gif and folders need only pillow)."""
+    import importlib.util
+
+    from paradiff.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "imageio_ffmpeg" else real(name, *a))
+    assert main(["generate", "a cat", "--model", str(folders / "animatediff"), "-o", "out.mp4"]) == 2
+    assert "writing .mp4 needs imageio-ffmpeg" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_generate_video_on_two_ranks_like_one(folders):
+    """`--method patch --nproc 2` (AnimateDiff) with warm-up over every step writes the serial frames (within 1
+    level of 255)."""
+    from cli_utils import run_cli
+
+    for args, method in ((["a red circle", "--model", str(folders / "animatediff"), "--size", "32"], "patch"),):
+        common = ["generate", *args, "--steps", "2", "--num-frames", "2"]
+        outs = {}
+        for label, extra in (("serial", []), (method, ["--method", method, "--nproc", "2"] +
+                                               (["--warmup-steps", "2"] if method == "patch" else []))):
+            outs[label] = folders / f"{method}-{label}"
+            proc, _ = run_cli(*common, *extra, "-o", str(outs[label]))
+            assert proc.returncode == 0, proc.stderr
+        serial, parallel = _frames(outs["serial"]), _frames(outs[method])
+        assert len(serial) == 2 and all(np.abs(a - b).max() <= 1 for a, b in zip(serial, parallel)), method

@@ -54,7 +54,9 @@ def _method(name: str, exact: bool = True):
 
     warmup = STEPS if exact else 1
     return {"patch": lambda: paradiff.PatchParallel(warmup_steps=warmup), "cfg": paradiff.CFGParallel,
-            "async": lambda: paradiff.AsyncDenoise(warmup_steps=warmup)}[name]()
+            "async": lambda: paradiff.AsyncDenoise(warmup_steps=warmup),
+            # DistriFusion's corrected GroupNorm: last step's whole-video statistics (frames x rows) + this band's change
+            "patch-corrected": lambda: paradiff.PatchParallel(warmup_steps=warmup, gn_mode="corrected")}[name]()
 
 
 def _play(cases: list) -> dict:
@@ -125,7 +127,7 @@ def _tolerance(want) -> float:
 
 EXACT_CASES = [(family, method, True) for family, methods in METHODS.items() for method in methods]
 STALE_CASES = [(family, method, False) for family in ("svd", "animatediff") for method in ("patch", "async")] + [
-    ("sd3", "async", False)]
+    ("sd3", "async", False), ("animatediff", "patch-corrected", False)]
 
 
 def _check_exact(ranks: list, cases: list) -> list[str]:
@@ -398,3 +400,26 @@ def test_generate_video_on_two_ranks_like_one(folders):
             assert proc.returncode == 0, proc.stderr
         serial, parallel = _frames(outs["serial"]), _frames(outs[method])
         assert len(serial) == 2 and all(np.abs(a - b).max() <= 1 for a, b in zip(serial, parallel)), method
+
+
+@pytest.mark.parametrize("family", ["svd", "animatediff", "sd3"])
+def test_bench_times_the_family(family):
+    """`paradiff bench`'s two measurements on each family: its denoiser call on `example_inputs` (eager; the
+    compiled baseline runs the same call), and the whole pipeline (SVD: a gray image to animate, no prompt)."""
+    from paradiff import bench
+    from paradiff.plans.common import denoiser_of
+
+    pipe = _build(family)
+    seen = []
+    denoiser_of(pipe).register_forward_pre_hook(lambda m, a, k: seen.append(tuple((a or (k.get("sample"),))[0].shape)
+                                                                           if a or "sample" in k else
+                                                                           tuple(k["hidden_states"].shape)),
+                                              with_kwargs=True)
+    rows = bench.bench_denoiser(denoiser_of(pipe), batch=2, height=64, width=64, dtype=torch.float32,
+                                device=torch.device("cpu"), variants=("eager",), runs=1, warmup=0)
+    rows += bench.bench_pipeline(pipe, variant="eager", prompt="x", steps=2, height=32, width=32, guidance=None,
+                                 device=torch.device("cpu"), runs=1, warmup=0)
+    assert [r.what for r in rows] == ["step", "e2e", "step"]
+    frames = {"svd": (2, 2, 8, 8, 8), "animatediff": (2, 4, 8, 8, 8), "sd3": (2, 4, 8, 8)}[family]
+    assert seen[0] == frames, seen  # example call: 64 px / 8; SVD's own frames, AnimateDiff's (<= max seq 8)
+    assert seen[1][-2:] == (16, 16), seen  # the pipeline at 32 px (tiny VAEs: 2 px per latent row)

@@ -80,12 +80,14 @@ def image_inputs(pipe: Any, height: int, width: int) -> dict:
     """Call arguments an image-conditioned pipeline needs beside the prompt, for a `height` x `width` output
     (benchmarks: the values do not matter for speed): inpainting a gray image and a centred square mask; the
     x4 upscaler a gray input image `row_pixels` times smaller, in place of height/width (it has none); SVD a gray
-    image to animate. {} for text-to-image pipelines."""
+    image to animate; AnimateDiff its default frames (`default_frames`). {} for text-to-image pipelines."""
     from PIL import Image
 
     names = {cls.__name__ for cls in type(pipe).__mro__}
     if names & set(IMAGE_TO_VIDEO_PIPELINES):
         return {"image": Image.new("RGB", (width, height), (128, 128, 128))}
+    if names & set(VIDEO_PIPELINES):
+        return {"num_frames": default_frames(denoiser_of(pipe))}
     if names & set(UPSCALE_PIPELINES):
         scale = vae_scale_factor(pipe)
         return {"image": Image.new("RGB", (width // scale, height // scale), (128, 128, 128)),
@@ -126,6 +128,17 @@ MOTION_FRAMES = 16  # AnimateDiff's default number of frames (the example call's
 
 def _is(model: Any, names: tuple[str, ...]) -> bool:
     return any(cls.__name__ in names for cls in type(model).__mro__)
+
+
+def default_frames(model: torch.nn.Module) -> int | None:
+    """The frames of a video denoiser's call when none are asked for: SVD's `num_frames`, AnimateDiff's 16 (at most
+    its motion modules' `motion_max_seq_length`); None for image denoisers."""
+    config = model.config
+    if _is(model, SVD_DENOISERS):
+        return int(config.num_frames)
+    if _is(model, MOTION_DENOISERS):
+        return min(MOTION_FRAMES, config.get("motion_max_seq_length") or MOTION_FRAMES)
+    return None
 
 
 def frames_per_batch_row(model: torch.nn.Module, args: tuple, kwargs: dict) -> int:
@@ -204,13 +217,13 @@ def example_inputs(model: torch.nn.Module, batch: int = 2, height: int | None = 
     cross = config.cross_attention_dim
     cross = cross[0] if isinstance(cross, (list, tuple)) else cross
     if _is(model, SVD_DENOISERS):
-        frames = frames or config.num_frames
+        frames = frames or default_frames(model)
         ids = torch.tensor([[6.0, 127.0, 0.02]] * batch)  # fps - 1, motion bucket id, noise augmentation
         return dict(sample=randn(batch, frames, config.in_channels, h, w), timestep=timestep,
                     encoder_hidden_states=randn(batch, 1, cross),
                     added_time_ids=ids.to(device, dtype) if device.type != "meta" else randn(batch, 3))
     motion = _is(model, MOTION_DENOISERS)
-    frames = (frames or min(MOTION_FRAMES, config.get("motion_max_seq_length") or MOTION_FRAMES)) if motion else 1
+    frames = (frames or default_frames(model)) if motion else 1
     sample = randn(batch, config.in_channels, frames, h, w) if motion else randn(batch, config.in_channels, h, w)
     kwargs: dict = dict(sample=sample, timestep=timestep, encoder_hidden_states=randn(batch * frames, 77, cross))
     labels = class_labels(model, batch, device=device, dtype=dtype, generator=generator)

@@ -171,29 +171,16 @@ def _tokenizer(arch: str, subfolder: str):
         return CLIPTokenizer.from_pretrained(tmp)
 
 
-def _text_encoder(arch: str, subfolder: str, class_name: str, dtype: Any, device: Any, seed: int):
+def _clip_encoder(arch: str, subfolder: str, class_name: str, dtype: Any, device: Any, seed: int):
+    """A CLIP text encoder, or SVD's CLIP vision encoder (`CLIPVisionModelWithProjection`), from its config."""
     import torch
     import transformers
 
-    config_cls = transformers.CLIPTextConfig
+    config_cls = transformers.CLIPVisionConfig if "Vision" in class_name else transformers.CLIPTextConfig
     config = config_cls.from_dict(_read_config(arch, subfolder))
     cls = getattr(transformers, class_name)
     with torch.device(device):
         model = cls(config)
-    _randomize(model, seed)
-    if dtype is not None:
-        model = model.to(dtype)
-    return model.eval().requires_grad_(False)
-
-
-def _image_encoder(arch: str, dtype: Any, device: Any, seed: int):
-    """SVD's CLIP vision encoder (with projection) from its config, random weights."""
-    import torch
-    import transformers
-
-    config = transformers.CLIPVisionConfig.from_dict(_read_config(arch, "image_encoder"))
-    with torch.device(device):
-        model = transformers.CLIPVisionModelWithProjection(config)
     _randomize(model, seed)
     if dtype is not None:
         model = model.to(dtype)
@@ -236,14 +223,12 @@ def build_pipeline(arch: str, *, dtype: Any = None, device: Any = "cpu", seed: i
             continue
         if name in LEFT_OUT:
             components[name] = None
-        elif name == "image_encoder":
-            components[name] = _image_encoder(arch, dtype, device, seed + offset)
         elif name == "feature_extractor":
             components[name] = getattr(transformers, class_name).from_pretrained(str(root), subfolder=name)
         elif name.startswith("tokenizer"):
             components[name] = _tokenizer(arch, name)
-        elif name.startswith("text_encoder"):
-            components[name] = _text_encoder(arch, name, class_name, dtype, device, seed + offset)
+        elif name.startswith("text_encoder") or name == "image_encoder":
+            components[name] = _clip_encoder(arch, name, class_name, dtype, device, seed + offset)
         elif name.endswith("scheduler"):  # the x4 upscaler also has a low_res_scheduler
             components[name] = getattr(diffusers, class_name).from_pretrained(str(root), subfolder=name)
         else:

@@ -290,13 +290,13 @@ def test_example_inputs_of_the_video_unets():
         assert motion(**example_inputs(motion, 2, 8, 8, device="cpu", frames=3)).sample.shape == (2, 4, 3, 8, 8)
 
 
-COMBINED_CASES = [("svd", "cfg+patch", True), ("animatediff", "cfg+async", True)]
+COMBINED_CASES = [("svd", "cfg+patch", True)]  # CFG x async: composed the same way, tested in test_async
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_combined_methods_four_ranks():
-    """CFG x patch and CFG x async on 4 ranks ({"cfg": 2, "patch"/"async": 2}), exact modes equal serial."""
+    """CFG x patch on 4 ranks ({"cfg": 2, "patch": 2}) on SVD (5-D rows and batch both split): equals serial."""
     ranks = run_ranks(_play, 4, COMBINED_CASES, timeout=360)
     bad = _check_exact(ranks, COMBINED_CASES)
     assert not bad, "; ".join(bad)

@@ -203,7 +203,7 @@ def bench_pipeline(pipe, *, variant: str, prompt: str, steps: int, height: int, 
     `skip_steps` leaves the first steps of each run out of the per-step figure (e.g. a method's synchronous
     warm-up), so the steady state is reported; the end-to-end figure always includes everything.
     """
-    from paradiff.plans.common import image_inputs
+    from paradiff.plans.common import image_inputs, takes_prompt
 
     denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer")
     timer = StepTimer(denoiser, device, getattr(pipe, "controlnet", None))
@@ -213,8 +213,10 @@ def bench_pipeline(pipe, *, variant: str, prompt: str, steps: int, height: int, 
     if guidance is not None:
         kwargs["guidance_scale"] = guidance
 
+    prompted = (prompt,) if takes_prompt(pipe) else ()  # SVD animates its image: no prompt
+
     def call():
-        return pipe(prompt, generator=torch.Generator("cpu").manual_seed(0), **kwargs)
+        return pipe(*prompted, generator=torch.Generator("cpu").manual_seed(0), **kwargs)
 
     _reset_peak(device)
     step_times: list[float] = []

@@ -3,8 +3,9 @@
 Under any parallel method all ranks run the pipeline loop and hold the same prompt embeddings and the same final
 latent. So, when a pipeline is parallelized (hooks on the components, so pipelines made with `from_pipe` share
 them):
-- text encoders: rank 0 runs each encoder's forward and broadcasts its output; the other ranks free the weights
-  (SDXL: 0.8 B parameters, SD3's T5: 4.7 B, per GPU) and take the broadcast. An error on rank 0 is raised on every
+- text encoders (and SVD's image encoder): rank 0 runs each encoder's forward and broadcasts its output; the other
+  ranks free the weights (SDXL: 0.8 B parameters, SD3's T5: 4.7 B, SVD's CLIP vision 0.6 B, per GPU) and take the
+  broadcast. An error on rank 0 is raised on every
   rank instead of leaving the others waiting;
 - VAE decoder: only rank 0 decodes; the others free the decoder and get zeros of the decoded shape (blank images).
   The VAE encoder (img2img) stays on every rank: the initial latents are computed locally. A decoder that a
@@ -27,6 +28,7 @@ from paradiff.plans.common import vae_scale_factor
 from paradiff.plans.vae import HOOK_NAME as VAE_HOOK_NAME
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+ENCODERS = TEXT_ENCODERS + ("image_encoder",)  # SVD's CLIP vision encoder (0.6 B): its embedding, like a prompt's
 HOOK_NAME = "paradiff.main_rank"
 REMEDY = ("only rank 0 keeps them: use it on rank 0, or parallelize with main_rank_stages=False to keep every stage "
           "on every rank.")
@@ -75,7 +77,7 @@ class MainDecoder(ModelHook):
 
 def install(pipe: Any, target: Any) -> None:
     """Put the text encoders and the VAE decoder of `pipe` on the main rank (hooks registered through `target`)."""
-    for name in TEXT_ENCODERS:
+    for name in ENCODERS:
         encoder = getattr(pipe, name, None)
         if isinstance(encoder, torch.nn.Module):
             if not target.is_main:

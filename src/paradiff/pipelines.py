@@ -105,12 +105,15 @@ def _component_config(model: str, subfolder: str) -> dict | None:
 def pipeline_facts(model: str | None = None) -> dict:
     """What the CLI checks before loading `model` (default: the reference model), from its config files only:
     `class_name` (model_index.json's pipeline class, which `load_pipeline` builds), `unet` and `vae` (their
-    config.json, or None when not at hand), `name` (how to mention the model in a message)."""
+    config.json, or None when not at hand), `transformer` (the class of a transformer denoiser, e.g. SD3's, or
+    None), `name` (how to mention the model in a message)."""
     name = model or "the embedded model"
     model = _checked(model or default_model())
     config = _load_config(model)
+    transformer = config.get("transformer")
     return {"class_name": config.get("_class_name", ""), "unet": _component_config(model, "unet"),
-            "vae": _component_config(model, "vae"), "name": name}
+            "vae": _component_config(model, "vae"), "name": name,
+            "transformer": transformer[1] if isinstance(transformer, list) and len(transformer) == 2 else None}
 
 
 def load_pipeline(model: str | None = None, *, dtype: Any = None, pipeline_class: Any = None):
@@ -121,7 +124,8 @@ def load_pipeline(model: str | None = None, *, dtype: Any = None, pipeline_class
     model = _checked(model or default_model())
     cls = pipeline_class or DiffusionPipeline
     config = _load_config(model)
-    extra = {}
+    extra = {name: None for name, entry in config.items()  # saved as None (SD3 without T5): load as None
+             if not name.startswith("_") and entry in ([None, None], (None, None))}
     if "safety_checker" in config:
         extra.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     return cls.from_pretrained(model, torch_dtype=dtype, **extra)

@@ -268,12 +268,7 @@ def tiny_controlnet(unet_kind: str = "sd-wide", seed: int = 0):
 
     unet = tiny_unet(unet_kind, seed)
     torch.manual_seed(seed + 100)
-    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16))
-    with torch.no_grad():
-        for p in net.parameters():
-            if p.abs().sum() == 0:
-                p.normal_(0, 0.05)
-    return net.eval()
+    return _fill(ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16)), seed)
 
 
 CONTROLNET_KINDS = ("sd", "sd-img2img", "sd-multi", "sdxl", "sdxl-img2img")
@@ -312,3 +307,106 @@ def tiny_controlnet_pipeline(kind: str = "sd", seed: int = 0):
                                         clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     return cls(text_encoder=CLIPTextModel(_tiny_clip(32, tokenizer)).eval(), scheduler=scheduler, safety_checker=None,
                feature_extractor=None, requires_safety_checker=False, **common)
+
+
+# -- video and SD3 families: Stable Video Diffusion, AnimateDiff, StableDiffusion3Pipeline -------------------------
+def _fill(model, seed: int):
+    """N(0, 0.05) in the zero-initialised layers (conv_out, the motion modules' proj_out), so outputs are informative."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.05)
+    return model.eval()
+
+
+def tiny_svd_unet(seed: int = 0, *, frames: int = 2):
+    """A tiny random UNetSpatioTemporalConditionModel of SVD's block types: spatio-temporal resnets (a 2-D resnet,
+    then a temporal resnet whose GroupNorms see frames x rows), spatial + temporal transformers, 8 input channels
+    (noisy latent + image latent), 3 added time ids. Widths are multiples of 32: its temporal GroupNorms have 32
+    groups whatever the config says."""
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNetSpatioTemporalConditionModel(
+        sample_size=16, in_channels=8, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"), num_attention_heads=(2, 4),
+        cross_attention_dim=32, addition_time_embed_dim=8, projection_class_embeddings_input_dim=24,
+        num_frames=frames)
+    return _fill(unet, seed)
+
+
+def tiny_svd_pipeline(seed: int = 0):
+    """A tiny random StableVideoDiffusionPipeline: `tiny_svd_unet`, a CLIP vision encoder (224 px, 7x7 patches), a
+    2-level temporal-decoder VAE (2 px per latent row), SVD-xt's Euler scheduler (v-prediction, Karras sigmas)."""
+    from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, StableVideoDiffusionPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    unet = tiny_svd_unet(seed)
+    torch.manual_seed(seed)
+    vae = AutoencoderKLTemporalDecoder(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                                       latent_channels=4, layers_per_block=1, sample_size=32).eval()
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, projection_dim=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        image_size=224, patch_size=32)).eval()
+    features = CLIPImageProcessor(crop_size={"height": 224, "width": 224}, size={"shortest_edge": 224})
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       prediction_type="v_prediction", sigma_max=700.0, sigma_min=0.002,
+                                       steps_offset=1, timestep_spacing="leading", timestep_type="continuous",
+                                       use_karras_sigmas=True, interpolation_type="linear")
+    return StableVideoDiffusionPipeline(vae=vae, image_encoder=encoder, unet=unet, scheduler=scheduler,
+                                        feature_extractor=features)
+
+
+def tiny_motion_adapter(seed: int = 0, *, mid_block: bool = True):
+    """A tiny random MotionAdapter for `tiny_unet("sd")`'s widths (16, 32): one motion module per resnet."""
+    from diffusers import MotionAdapter
+
+    torch.manual_seed(seed)
+    return MotionAdapter(block_out_channels=(16, 32), motion_layers_per_block=1, motion_num_attention_heads=2,
+                         motion_norm_num_groups=8, motion_max_seq_length=8, use_motion_mid_block=mid_block)
+
+
+def tiny_motion_unet(seed: int = 0, *, mid_block: bool = True):
+    """A tiny random UNetMotionModel: `tiny_unet("sd")` with `tiny_motion_adapter`'s motion modules (temporal
+    transformers whose GroupNorm sees frames x rows, self-attention over frames) inside every block."""
+    from diffusers import UNetMotionModel
+
+    return _fill(UNetMotionModel.from_unet2d(tiny_unet("sd", seed), tiny_motion_adapter(seed, mid_block=mid_block)),
+                 seed)
+
+
+def tiny_animatediff_pipeline(seed: int = 0):
+    """A tiny random AnimateDiffPipeline around `tiny_motion_unet` (DDIM, linear betas as AnimateDiff's)."""
+    from diffusers import AnimateDiffPipeline, DDIMScheduler
+    from transformers import CLIPTextModel
+
+    from paradiff.archs import _tokenizer
+
+    unet = tiny_motion_unet(seed)
+    torch.manual_seed(seed)
+    tokenizer = _tokenizer("stable-diffusion-v1-5", "tokenizer")
+    text_encoder = CLIPTextModel(_tiny_clip(32, tokenizer)).eval()
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear", clip_sample=False,
+                              steps_offset=1, timestep_spacing="linspace")
+    return AnimateDiffPipeline(vae=_tiny_vae().eval(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                               motion_adapter=None, scheduler=scheduler)
+
+
+def tiny_sd3_pipeline(seed: int = 0, *, layers: int = 4):
+    """A tiny random StableDiffusion3Pipeline: `tiny_sd3_transformer`, two CLIP text encoders with projections (16
+    + 16 wide, projections 8 + 8: 32 joint, 16 pooled), no T5 (the pipeline gives zeros in its place), a 4-channel
+    2-level VAE, flow-matching Euler (shift 3)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    from paradiff.archs import _tokenizer
+
+    transformer = tiny_sd3_transformer(layers, seed, joint_dim=32)
+    torch.manual_seed(seed)
+    tokenizer = _tokenizer("stable-diffusion-v1-5", "tokenizer")
+    encoders = [CLIPTextModelWithProjection(_tiny_clip(16, tokenizer, projection_dim=8)).eval() for _ in range(2)]
+    vae = _tiny_vae(scaling_factor=1.5, shift_factor=0.06).eval()
+    return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=vae, text_encoder=encoders[0], tokenizer=tokenizer, text_encoder_2=encoders[1],
+                                    tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None)

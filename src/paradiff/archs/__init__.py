@@ -32,11 +32,23 @@ SHIPPED = (
     "stable-diffusion-x4-upscaler",
     "sd-controlnet-canny",
     "controlnet-union-sdxl-1.0",
+    "stable-video-diffusion-img2vid-xt",
+    "animatediff-motion-adapter-v1-5-2",
+    "animatediff-motion-adapter-v1-5-3",
+    "stable-diffusion-3-medium-diffusers",
+    "stable-diffusion-3.5-large",
 )
 ALIASES = {"sd15": "stable-diffusion-v1-5", "sd21": "stable-diffusion-2-1", "sd21-base": "stable-diffusion-2-1-base",
            "sdxl": "stable-diffusion-xl-base-1.0", "sd15-inpainting": "stable-diffusion-inpainting",
            "sdxl-inpainting": "stable-diffusion-xl-1.0-inpainting-0.1", "x4-upscaler": "stable-diffusion-x4-upscaler",
-           "sd15-controlnet": "sd-controlnet-canny", "sdxl-controlnet": "controlnet-union-sdxl-1.0"}
+           "sd15-controlnet": "sd-controlnet-canny", "sdxl-controlnet": "controlnet-union-sdxl-1.0",
+           "svd-xt": "stable-video-diffusion-img2vid-xt", "animatediff": "animatediff-motion-adapter-v1-5-2",
+           "animatediff-v1-5-2": "animatediff-motion-adapter-v1-5-2",
+           "animatediff-v1-5-3": "animatediff-motion-adapter-v1-5-3", "sd3-medium": "stable-diffusion-3-medium-diffusers",
+           "sd35-large": "stable-diffusion-3.5-large"}
+"""The AnimateDiff folders are SD 1.5 with a motion adapter, laid out as AnimateDiffPipeline.save_pretrained writes
+them: `unet` is the UNetMotionModel (SD 1.5's UNet + the adapter's motion modules), `motion_adapter` the adapter
+alone (for counting)."""
 
 
 def resolve(arch: str) -> str:
@@ -131,9 +143,13 @@ def build_model(arch: str, component: str | None = None, *, dtype: Any = None, d
         config = _read_config(arch, component)
     cls = _model_class(config, "UNet2DConditionModel")
     device = torch.device(device)
-    with torch.device(device):
-        model = cls.from_config(config)
-    if device.type != "meta":
+    if device.type == "meta":
+        from paradiff.plans.common import meta_model
+
+        model = meta_model(cls, config)  # every parameter on meta, SVD's legacy-constructed mix factors too
+    else:
+        with torch.device(device):
+            model = cls.from_config(config)
         _randomize(model, seed)
     if dtype is not None:
         model = model.to(dtype)
@@ -166,11 +182,12 @@ def _tokenizer(arch: str, subfolder: str):
         return CLIPTokenizer.from_pretrained(tmp)
 
 
-def _text_encoder(arch: str, subfolder: str, class_name: str, dtype: Any, device: Any, seed: int):
+def _clip_encoder(arch: str, subfolder: str, class_name: str, dtype: Any, device: Any, seed: int):
+    """A CLIP text encoder, or SVD's CLIP vision encoder (`CLIPVisionModelWithProjection`), from its config."""
     import torch
     import transformers
 
-    config_cls = transformers.CLIPTextConfig
+    config_cls = transformers.CLIPVisionConfig if "Vision" in class_name else transformers.CLIPTextConfig
     config = config_cls.from_dict(_read_config(arch, subfolder))
     cls = getattr(transformers, class_name)
     with torch.device(device):
@@ -181,13 +198,22 @@ def _text_encoder(arch: str, subfolder: str, class_name: str, dtype: Any, device
     return model.eval().requires_grad_(False)
 
 
+IMAGE_ENCODER_PIPELINES = ("StableVideoDiffusionPipeline",)  # the image encoder is the conditioning, not optional
+LEFT_OUT = ("motion_adapter", "text_encoder_3", "tokenizer_3")
+"""Components `build_pipeline` leaves out (None): AnimateDiff's adapter (its motion modules are in the UNetMotionModel
+already) and SD3's T5 (4.7 B parameters; the pipeline gives zeros in place of its embeddings, the denoiser's work is
+the same)."""
+
+
 def build_pipeline(arch: str, *, dtype: Any = None, device: Any = "cpu", seed: int = 0):
     """A complete diffusers pipeline of `arch` (text encoders, tokenizers, denoiser, VAE, scheduler), random weights.
 
-    Only CLIP-tokenizer pipelines (SD1.x/2.x/XL/Turbo, their inpainting models, the x4 upscaler) are supported here;
-    `device="meta"` builds one without allocating its weights.
+    CLIP-tokenizer pipelines (SD1.x/2.x/XL/Turbo, their inpainting models, the x4 upscaler, AnimateDiff, SD3 without
+    its T5, see `LEFT_OUT`) and Stable Video Diffusion (a CLIP image encoder); `device="meta"` builds one without
+    allocating its weights.
     """
     import diffusers
+    import transformers
 
     root = Path(resolve(arch))
     if not root.exists():
@@ -203,12 +229,17 @@ def build_pipeline(arch: str, *, dtype: Any = None, device: Any = "cpu", seed: i
         library, class_name = entry
         if not isinstance(library, str) or not isinstance(class_name, str):
             continue
-        if name in ("safety_checker", "feature_extractor", "image_encoder"):
+        keep_image = index.get("_class_name") in IMAGE_ENCODER_PIPELINES
+        if name in ("safety_checker",) + (() if keep_image else ("feature_extractor", "image_encoder")):
             continue
-        if name.startswith("tokenizer"):
+        if name in LEFT_OUT:
+            components[name] = None
+        elif name == "feature_extractor":
+            components[name] = getattr(transformers, class_name).from_pretrained(str(root), subfolder=name)
+        elif name.startswith("tokenizer"):
             components[name] = _tokenizer(arch, name)
-        elif name.startswith("text_encoder"):
-            components[name] = _text_encoder(arch, name, class_name, dtype, device, seed + offset)
+        elif name.startswith("text_encoder") or name == "image_encoder":
+            components[name] = _clip_encoder(arch, name, class_name, dtype, device, seed + offset)
         elif name.endswith("scheduler"):  # the x4 upscaler also has a low_res_scheduler
             components[name] = getattr(diffusers, class_name).from_pretrained(str(root), subfolder=name)
         else:
@@ -220,6 +251,6 @@ def build_pipeline(arch: str, *, dtype: Any = None, device: Any = "cpu", seed: i
              if not key.startswith("_") and not isinstance(value, list) and key in accepted}
     if "safety_checker" in index:
         extra.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    if "image_encoder" in index:
+    if "image_encoder" in index and "image_encoder" not in components:
         extra["image_encoder"] = None
     return pipe_cls(**components, **extra)

@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     from paradiff import archs, bench, runtime
     from paradiff.parallel import parallelize
     from paradiff.pipelines import torch_dtype
-    from paradiff.plans.common import controlnet_of
+    from paradiff.plans.common import controlnet_of, denoiser_name, denoiser_of
 
     rt = runtime.init(args.device)
     dtype = torch_dtype(args.dtype, rt.device)
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
             model, net = archs.build_model(arch, device="meta"), archs.build_controlnet(arch, device="meta")
         else:
             pipe = load_model(args)
-            model, net = pipe.unet, controlnet_of(pipe)
+            model, net = denoiser_of(pipe), controlnet_of(pipe)
         print(explain_split(model, components, net))
         return 0
 
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
             net = archs.build_controlnet(arch, dtype=dtype, device=rt.device)
         else:
             pipe = load_model(args, dtype=dtype)
-            model, net = pipe.unet.to(rt.device), controlnet_of(pipe)
+            model, net = denoiser_of(pipe).to(rt.device), controlnet_of(pipe)
             net = net.to(rt.device) if net is not None else None
         height, width = args.size or _native_size(model)
         rows += bench.bench_denoiser(model, batch=args.batch, height=height, width=width, dtype=dtype,
@@ -114,18 +114,19 @@ def run(args: argparse.Namespace) -> int:
         pipe = archs.build_pipeline(arch, dtype=dtype, device=rt.device) if arch else \
             load_model(args, dtype=dtype).to(rt.device)
         pipe.set_progress_bar_config(disable=True)
-        denoiser = pipe.unet
+        name = denoiser_name(pipe)  # unet, or an SD3 pipeline's transformer
+        denoiser = getattr(pipe, name)
         height, width = args.size or _native_size(denoiser, pipe)
         e2e_runs = max(1, args.runs // 4)
         common = dict(prompt="an astronaut riding a horse", steps=args.steps, height=height, width=width,
                       guidance=args.guidance, device=rt.device, runs=e2e_runs, warmup=max(1, min(args.warmup, 2)))
         net = controlnet_of(pipe)
         for variant in args.variants:  # every rank measures the single-device baseline on its own device
-            pipe.unet = denoiser if variant == "eager" else bench.compile_model(denoiser, args.compile_mode)
+            setattr(pipe, name, denoiser if variant == "eager" else bench.compile_model(denoiser, args.compile_mode))
             if net is not None:
                 pipe.controlnet = net if variant == "eager" else bench.compile_model(net, args.compile_mode)
             rows += bench.bench_pipeline(pipe, variant=variant, **common)
-        pipe.unet = denoiser
+        setattr(pipe, name, denoiser)
         if net is not None:
             pipe.controlnet = net
         torch._dynamo.reset()

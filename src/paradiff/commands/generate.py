@@ -1,4 +1,4 @@
-"""`paradiff generate PROMPT`: one image from a diffusers pipeline, serial or with a parallel method."""
+"""`paradiff generate PROMPT`: one image (or one video) from a diffusers pipeline, serial or with a parallel method."""
 
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate an image from a prompt",
                        description="Generate an image. Under --nproc N or torchrun, all ranks work on one image. "
                                    "The pipeline is the --model's own (model_index.json): text-to-image, "
-                                   "inpainting (--image and --mask) or the x4 upscaler (--image).")
-    p.add_argument("prompt", help="text prompt")
+                                   "inpainting (--image and --mask), the x4 upscaler (--image), text-to-video "
+                                   "(AnimateDiff, --num-frames) or image-to-video (Stable Video Diffusion: --image, "
+                                   "no prompt).")
+    p.add_argument("prompt", nargs="?", default=None, help="text prompt (none for image-to-video)")
     p.add_argument("--negative-prompt", default=None)
     add_model_args(p)
     p.add_argument("--steps", type=positive_int, default=25, help="denoising steps (default 25)")
@@ -25,11 +27,16 @@ def add_parser(sub) -> None:
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (default: 3.0 for the embedded model, else the pipeline's)")
     p.add_argument("--image", default=None,
-                   help="input image file (PNG): the picture to inpaint (with --mask) or to upscale (x4 upscaler)")
+                   help="input image file (PNG): the picture to inpaint (with --mask), to upscale (x4 upscaler) or "
+                        "to animate (Stable Video Diffusion)")
     p.add_argument("--mask", default=None,
                    help="inpainting mask (PNG, same picture size): white is repainted, black kept")
     control.add_args(p)  # --controlnet, --control-image (with --image: ControlNet img2img)
-    p.add_argument("-o", "--output", default="out.png", help="output image file (written by rank 0)")
+    p.add_argument("--num-frames", type=positive_int, default=None,
+                   help="frames of a video model (default: the pipeline's: 16 for AnimateDiff, SVD's num_frames)")
+    p.add_argument("-o", "--output", default=None,
+                   help="output file, written by rank 0 (default out.png); a video model writes out.mp4, out.gif "
+                        "(default) or a folder of PNG frames")
     add_parallel_args(p)
     p.set_defaults(run=run, check_before_launch=check_generate_before_launch)
 
@@ -65,7 +72,8 @@ def image_inputs(args: argparse.Namespace, world: int) -> dict:
     (its output is 4x larger; --size does not apply). Text-to-image models take neither flag."""
     from paradiff.methods.patch import patch_rows_message
     from paradiff.pipelines import pipeline_facts
-    from paradiff.plans.common import INPAINT_PIPELINES, UPSCALE_PIPELINES, pixels_per_latent_row
+    from paradiff.plans.common import (IMAGE_TO_VIDEO_PIPELINES, INPAINT_PIPELINES, UPSCALE_PIPELINES,
+                                       pixels_per_latent_row)
 
     if args.mask and not args.image:
         raise UserError("--mask needs --image: the picture whose masked part is repainted.")
@@ -75,13 +83,16 @@ def image_inputs(args: argparse.Namespace, world: int) -> dict:
     inpaint, upscale = cls in INPAINT_PIPELINES, cls in UPSCALE_PIPELINES
     if args.mask and not inpaint:
         raise UserError(f"--mask is for inpainting models; {name} is a {cls}.")
-    if args.image and not (inpaint or upscale or control_size):
-        raise UserError(f"--image needs an inpainting model (with --mask) or the x4 upscaler; {name} is a {cls} "
-                        "(text to image).")
+    animate = cls in IMAGE_TO_VIDEO_PIPELINES
+    if args.image and not (inpaint or upscale or animate or control_size):
+        raise UserError(f"--image needs an inpainting model (with --mask), the x4 upscaler, an image-to-video model "
+                        f"or a ControlNet (img2img); {name} is a {cls}.")
     if inpaint and not args.mask:
         raise UserError(f"{name} is an inpainting model ({cls}): give --image and --mask.")
     if upscale and not args.image:
         raise UserError(f"{name} is an upscaler ({cls}): give --image, the picture to upscale.")
+    if animate and not args.image:
+        raise UserError(f"{name} is an image-to-video model ({cls}): give --image, the picture to animate.")
     vae, unet = facts["vae"], facts["unet"]
     scale = 2 ** (len(vae["block_out_channels"]) - 1) if vae else 8
     kwargs: dict = {}
@@ -98,12 +109,16 @@ def image_inputs(args: argparse.Namespace, world: int) -> dict:
             size = (image.height, image.width)
             if image.height % scale or image.width % scale:
                 fit = f"{image.height // scale * scale}x{image.width // scale * scale}"
-                raise UserError(f"--image is {image.height}x{image.width} px; the output of inpainting needs sides "
-                                f"that are multiples of {scale}: give --size (e.g. {fit}).")
+                raise UserError(f"--image is {image.height}x{image.width} px; the output of "
+                                f"{'image-to-video' if animate else 'inpainting'} needs sides that are multiples of "
+                                f"{scale}: give --size (e.g. {fit}).")
             kwargs["height"], kwargs["width"] = size
     if args.mask:
         kwargs["mask_image"] = _open_image("--mask", args.mask, "L")
     degree = _patch_degree(getattr(args, "method", "none"), world)
+    if degree and degree > 1 and facts.get("transformer"):
+        raise UserError(f"--method {args.method}: patch parallelism splits a UNet's rows, and {name}'s denoiser is "
+                        f"a {facts['transformer']} ({cls}); use --method cfg, async or cfg+async.")
     if degree and degree > 1 and unet and unet.get("down_block_types"):  # a UNet: 2x down per block but the last
         if size is None:
             sample = unet.get("sample_size") or 64
@@ -113,7 +128,69 @@ def image_inputs(args: argparse.Namespace, world: int) -> dict:
         message = patch_rows_message(rows, degree, 2 ** (len(unet["down_block_types"]) - 1), row_pixels, image_name)
         if message is not None:
             raise UserError(message)
+    kwargs.update(video_inputs(args, facts))
     return {**kwargs, **control_kwargs}
+
+
+def video_inputs(args: argparse.Namespace, facts: dict) -> dict:
+    """`num_frames` for a video model, and the checks of the flags that depend on the model being one: the prompt
+    (none for image-to-video), --num-frames (video models only; AnimateDiff's motion modules take at most
+    `motion_max_seq_length` frames), -o (a video file or folder for a video, a still image otherwise), and
+    --negative-prompt / --guidance for SVD (no prompt; its guidance ramps over the frames up to --guidance)."""
+    import importlib.util
+    from pathlib import Path
+
+    from paradiff.plans.common import IMAGE_TO_VIDEO_PIPELINES, VIDEO_PIPELINES
+
+    cls, name = facts["class_name"], facts["name"]
+    video, animate = cls in VIDEO_PIPELINES, cls in IMAGE_TO_VIDEO_PIPELINES
+    if animate and args.prompt is not None:
+        raise UserError(f"{name} is an image-to-video model ({cls}): it takes no prompt, only --image.")
+    if animate and args.negative_prompt is not None:
+        raise UserError(f"{name} is an image-to-video model ({cls}): it takes no --negative-prompt.")
+    if not animate and args.prompt is None:
+        raise UserError("give a prompt: paradiff generate \"a red circle\" ...")
+    suffix = Path(args.output or "").suffix.lower()
+    if not video:
+        if args.num_frames is not None:
+            raise UserError(f"--num-frames is for video models (AnimateDiff, Stable Video Diffusion); {name} is a "
+                            f"{cls}.")
+        if suffix in VIDEO_SUFFIXES or (args.output and not suffix):
+            raise UserError(f"-o {args.output}: {name} makes one image ({cls}); give an image file such as out.png.")
+        return {}
+    if args.output is None:
+        args.output = "out.gif"
+    elif suffix and suffix not in VIDEO_SUFFIXES:
+        raise UserError(f"-o {args.output}: {name} makes a video ({cls}); give {', '.join(VIDEO_SUFFIXES)} or a "
+                        "folder for PNG frames.")
+    if suffix not in ("", ".gif") and importlib.util.find_spec("imageio_ffmpeg") is None:
+        raise UserError(f"-o {args.output}: writing {suffix} needs imageio-ffmpeg (pip install imageio-ffmpeg); "
+                        "or write out.gif or a folder.")
+    unet = facts["unet"] or {}
+    frames = args.num_frames or (unet.get("num_frames") if animate else None) or MOTION_FRAMES_DEFAULT
+    longest = unet.get("motion_max_seq_length")
+    if longest and frames > longest:
+        raise UserError(f"--num-frames {frames}: {name}'s motion modules take at most {longest} frames.")
+    return {"num_frames": frames}
+
+
+VIDEO_SUFFIXES = (".mp4", ".gif", ".webm", ".mov", ".mkv", ".avi")
+MOTION_FRAMES_DEFAULT = 16  # AnimateDiffPipeline's default
+FPS = {"StableVideoDiffusionPipeline": 7, "AnimateDiffPipeline": 8}  # the pipelines' own frame rates
+
+
+def write_video(frames: list, path: str, fps: float) -> None:
+    """Frames (PIL images) to a video file (imageio: ffmpeg, or pillow for gif) or a folder of PNGs."""
+    import numpy as np
+
+    from paradiff.stream.io import open_sink
+
+    sink = open_sink(path, fps)
+    try:
+        for frame in frames:
+            sink.write(np.asarray(frame.convert("RGB")))
+    finally:
+        sink.close()
 
 
 def call_kwargs(args: argparse.Namespace) -> dict:
@@ -181,9 +258,27 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     images = image_inputs(args, int(os.environ.get("WORLD_SIZE", args.nproc or 1)))  # before loading the model
     rt, pipe = prepare_pipeline(args)
-    image = pipe(args.prompt, generator=generators(args.seed), **{**call_kwargs(args), **images}).images[0]
+    kwargs = {**call_kwargs(args), **images}
+    if "num_frames" in images:
+        return _run_video(args, rt, pipe, kwargs, start)
+    image = pipe(args.prompt, generator=generators(args.seed), **kwargs).images[0]
     if rt.is_main:
-        image.save(args.output)
-        print(f"wrote {args.output} ({image.height}x{image.width}, {args.steps} steps, "
+        image.save(args.output or "out.png")
+        print(f"wrote {args.output or 'out.png'} ({image.height}x{image.width}, {args.steps} steps, "
               f"{time.perf_counter() - start:.1f} s, {rt.world_size} rank(s) on {rt.device.type})")
+    return 0
+
+
+def _run_video(args: argparse.Namespace, rt, pipe, kwargs: dict, start: float) -> int:
+    """A video model's call (SVD: no prompt, --guidance is the top of its ramp over frames) and its frames' file."""
+    from paradiff.plans.common import takes_prompt
+
+    prompt = (args.prompt,) if takes_prompt(pipe) else ()
+    if not prompt and "guidance_scale" in kwargs:
+        kwargs["max_guidance_scale"] = kwargs.pop("guidance_scale")
+    frames = pipe(*prompt, generator=generators(args.seed), **kwargs).frames[0]
+    if rt.is_main:
+        write_video(frames, args.output, FPS.get(type(pipe).__name__, 8))
+        print(f"wrote {args.output} ({len(frames)} frames, {frames[0].height}x{frames[0].width}, {args.steps} "
+              f"steps, {time.perf_counter() - start:.1f} s, {rt.world_size} rank(s) on {rt.device.type})")
     return 0

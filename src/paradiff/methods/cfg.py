@@ -2,7 +2,8 @@
 
 Classifier-free guidance doubles the denoiser batch ([uncond, cond]). The hook below splits every batch-sized
 tensor argument of the denoiser call (sample, timestep when it has a batch dim, encoder states, SDXL's
-`added_cond_kwargs`, SD3's pooled projections, ...) into 2 chunks, runs this rank's chunk and all-gathers the
+`added_cond_kwargs`, SD3's pooled projections, SVD's image latents and `added_time_ids`, AnimateDiff's prompt
+embeddings repeated once per frame, ...) into 2 chunks, runs this rank's chunk and all-gathers the
 output along the batch. It is exact (same maths, half the batch) and generic over denoisers: it never looks at the
 model's internals, only at the call's arguments and output, so it composes with any other method's hooks.
 
@@ -23,6 +24,7 @@ from torch.utils import _pytree as pytree
 from paradiff.comm import all_gather
 from paradiff.execution import Execution
 from paradiff.parallel import ParallelMethod, Parallelized, parallelize_module
+from paradiff.plans.common import frames_per_batch_row
 
 HOOK_NAME = "paradiff.cfg"
 _SAMPLE_NAMES = ("sample", "hidden_states", "x")
@@ -59,10 +61,12 @@ class BatchSplitHook(ModelHook):
                 self._warned = True
             return self.fn_ref.original_forward(*args, **kwargs)
         part = batch // self.degree
+        frames = frames_per_batch_row(module, args, kwargs)  # AnimateDiff's prompt embeddings: one row per frame
 
         def take(x):
-            if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == batch:
-                return x.narrow(0, self.rank * part, part)
+            if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] in (batch, batch * frames):
+                rows = part * (x.shape[0] // batch)
+                return x.narrow(0, self.rank * rows, rows)
             return x  # also a ControlNet's residuals that are this rank's part already
 
         if self._run is None:

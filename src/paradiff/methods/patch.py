@@ -25,7 +25,7 @@ from paradiff.comm import StaleExchange, all_gather
 from paradiff.errors import UserError
 from paradiff.execution import Execution
 from paradiff.parallel import CONTROLNET_RESIDUALS, ParallelMethod, Parallelized, parallelize_module
-from paradiff.plans import unet2d
+from paradiff.plans import unet2d, video
 from paradiff.plans.patch_layers import GN_MODES, auto_gn_mode
 
 HOOK_NAME = unet2d.HOOK_NAME
@@ -86,9 +86,10 @@ class PatchParallel(ParallelMethod):
         from diffusers import UNet2DConditionModel
 
         unet = target.denoiser
-        if not isinstance(unet, UNet2DConditionModel):
-            raise UserError(f"patch parallelism supports UNet2DConditionModel pipelines (SD 1.x/2.x/XL/Turbo); this "
-                            f"pipeline's denoiser is {type(unet).__name__} (use CFGParallel or AsyncDenoise).")
+        if not isinstance(unet, UNet2DConditionModel) and video.patch_plan(unet) is None:
+            raise UserError(f"patch parallelism supports UNet2DConditionModel pipelines (SD 1.x/2.x/XL/Turbo) and the "
+                            f"video UNets ({', '.join(video.VIDEO_DENOISERS)}); this pipeline's denoiser is "
+                            f"{type(unet).__name__} (use CFGParallel or AsyncDenoise).")
         self.execution.graphs_on(target.device)  # cuda_graph=True without a GPU: say so now
         self.hook = PatchHook(unet, target, target.group(self), self)
         target.register(unet, self.hook, HOOK_NAME)
@@ -151,7 +152,8 @@ class PatchHook(ModelHook):
         if config.mode == "displaced":
             hooks = unet2d.apply(unet, self.exchange, config.gn_mode,
                                  lambda module, hook, name: target.register(module, hook, HOOK_NAME, watch=name,
-                                                                            root=unet))
+                                                                            root=unet),
+                                 plan=video.patch_plan(unet) or unet2d.PATCH_PLAN)
         self.counts = {kind: len(installed) for kind, installed in hooks.items()}
         self.norms = hooks.get("groupnorm", [])
         self.attentions = [m for m in unet.modules() if isinstance(m, Attention) and not m.is_cross_attention]
@@ -207,9 +209,9 @@ class PatchHook(ModelHook):
         else:
             kwargs = {**kwargs, "sample": local}
         out = self.fn_ref.original_forward(*args, **kwargs)
-        if self.gather:
+        if self.gather:  # rows are dim -2 of an image [B, C, H, W] and of a video [B, F, C, H, W] alike
             out = pytree.tree_map(
-                lambda x: all_gather(x, x.dim() - 2, self.group) if isinstance(x, torch.Tensor) and x.dim() == 4
+                lambda x: all_gather(x, x.dim() - 2, self.group) if isinstance(x, torch.Tensor) and x.dim() >= 4
                 else x, out)
         self.exchange.finish()
         return out

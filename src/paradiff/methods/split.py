@@ -27,6 +27,7 @@ from torch.utils import _pytree as pytree
 
 from paradiff.errors import UserError
 from paradiff.plans.async_units import ALL, family_of
+from paradiff.plans.common import meta_model
 
 OUTPUT = -1
 """Consumer index of the model's final output (run by every rank from the last component's values)."""
@@ -136,8 +137,7 @@ def trace(model: torch.nn.Module, batch: int = 2, expand: Any = frozenset(),
 def _trace_cached(cls: type, config_json: str, batch: int, expand: Any, controlnet: str = "") -> Graph:
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.device("meta"):
-        twin = cls.from_config(json.loads(config_json))
+    twin = meta_model(cls, json.loads(config_json))
     twin.eval().requires_grad_(False)
     family = family_of(twin)
     names = family.units(twin, expand)

@@ -1,8 +1,9 @@
 """Model families for asynchronous denoising: which modules are the splittable *units* and what a call looks like.
 
 A family is a small table, not a forked forward: `units(model)` names the weight-holding modules that run in
-sequence (UNet: every resnet / attention / down- or up-sampler inside the down, mid and up blocks; SD3: every joint
-transformer block), and `example_inputs(model, batch)` builds a call on the meta device so the split can be costed
+sequence (UNet: every resnet / attention / down- or up-sampler inside the down, mid and up blocks, and the motion
+modules of AnimateDiff's; SVD: its spatio-temporal resnets and transformers likewise; SD3: every joint transformer
+block), and `example_inputs(model, batch)` builds a call on the meta device so the split can be costed
 and traced without weights. Everything else with weights (time embedding, conv_in/conv_out, pos/context embedders,
 final norm) is *shared*: small, and run by every rank.
 """
@@ -85,17 +86,26 @@ def _sd3_inputs(model: torch.nn.Module, batch: int) -> dict:
     return example_inputs(model, batch)
 
 
+def _svd_units(model: torch.nn.Module, expand: Any = frozenset()) -> list[str]:
+    """SVD's blocks as a UNet's; its transformer stacks stay closed: each spatial block is zipped with a temporal
+    block (`temporal_transformer_blocks`), so they cannot be opened one list at a time."""
+    return _unet_units(model, frozenset())
+
+
 UNET = Family("UNet2DConditionModel", _unet_units, _unet_inputs)
 SD3 = Family("SD3Transformer2DModel", _sd3_units, _sd3_inputs)
+SVD = Family("UNetSpatioTemporalConditionModel", _svd_units, example_inputs)
+MOTION = Family("UNetMotionModel", _unet_units, _unet_inputs)  # AnimateDiff: the motion modules are units too
 
 
 def family_of(model: torch.nn.Module) -> Family:
     """The family table for `model`, or a UserError naming the supported denoisers."""
-    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel, UNetMotionModel, UNetSpatioTemporalConditionModel
 
-    if isinstance(model, UNet2DConditionModel):
-        return UNET
-    if isinstance(model, SD3Transformer2DModel):
-        return SD3
-    raise UserError(f"AsyncDenoise supports UNet2DConditionModel (SD1.x/2.x/XL/Turbo) and SD3Transformer2DModel "
-                    f"denoisers, not {type(model).__name__}.")
+    for cls, family in ((UNet2DConditionModel, UNET), (SD3Transformer2DModel, SD3),
+                        (UNetSpatioTemporalConditionModel, SVD), (UNetMotionModel, MOTION)):
+        if isinstance(model, cls):
+            return family
+    raise UserError(f"AsyncDenoise supports UNet2DConditionModel (SD1.x/2.x/XL/Turbo), SD3Transformer2DModel, "
+                    f"UNetSpatioTemporalConditionModel (SVD) and UNetMotionModel (AnimateDiff) denoisers, not "
+                    f"{type(model).__name__}.")

@@ -96,6 +96,15 @@ def check_control_images(net: torch.nn.Module, args: tuple, kwargs: dict) -> Non
             raise UserError(f"{which} needs a control image of {want[0]}x{want[1]} px ({scale} px per latent row of "
                             f"the {sample.shape[-2]}x{sample.shape[-1]} latent), got "
                             f"{image.shape[-2]}x{image.shape[-1]} px: give one of the generated image's size.")
+def meta_model(cls: type, config: dict) -> torch.nn.Module:
+    """`cls.from_config(config)` on the meta device, nothing allocated. A few diffusers layers make parameters
+    with the legacy `torch.Tensor([...])` constructor, which ignores the device context (SVD's `AlphaBlender`
+    mix factors): they are moved to the meta device too, so a meta forward does not meet a CPU tensor."""
+    with torch.device("meta"):
+        model = cls.from_config(config)
+    if any(p.device.type != "meta" for p in model.parameters()):
+        torch.nn.Module.to(model, "meta")  # plain Module.to: diffusers' override warns about fp32 modules
+    return model
 
 
 def vae_scale_factor(pipe: Any) -> int:
@@ -112,6 +121,15 @@ UPSCALE_PIPELINES = ("StableDiffusionUpscalePipeline",)
 """Pipelines that denoise at their input image's size (one latent row per input pixel row; the output is
 `vae_scale_factor` times larger): the SD x4 upscaler."""
 INPAINT_PIPELINES = ("StableDiffusionInpaintPipeline", "StableDiffusionXLInpaintPipeline")
+IMAGE_TO_VIDEO_PIPELINES = ("StableVideoDiffusionPipeline",)
+"""Pipelines that animate an input image and take no prompt (Stable Video Diffusion)."""
+VIDEO_PIPELINES = IMAGE_TO_VIDEO_PIPELINES + ("AnimateDiffPipeline",)
+"""Pipelines whose output is frames (`.frames`), with a `num_frames` argument."""
+
+
+def takes_prompt(pipe: Any) -> bool:
+    """Whether the pipeline's call takes a text prompt (SVD's does not)."""
+    return "prompt" in inspect.signature(type(pipe).__call__).parameters
 
 
 def pixels_per_latent_row(pipeline_class: str, scale: int) -> tuple[int, str]:
@@ -130,11 +148,15 @@ def row_pixels(pipe: Any) -> tuple[int, str]:
 def image_inputs(pipe: Any, height: int, width: int) -> dict:
     """Call arguments an image-conditioned pipeline needs beside the prompt, for a `height` x `width` output
     (benchmarks: the values do not matter for speed): inpainting a gray image and a centred square mask; the
-    x4 upscaler a gray input image `row_pixels` times smaller, in place of height/width (it has none). {} for
-    text-to-image pipelines."""
+    x4 upscaler a gray input image `row_pixels` times smaller, in place of height/width (it has none); SVD a gray
+    image to animate; AnimateDiff its default frames (`default_frames`). {} for text-to-image pipelines."""
     from PIL import Image
 
     names = {cls.__name__ for cls in type(pipe).__mro__}
+    if names & set(IMAGE_TO_VIDEO_PIPELINES):
+        return {"image": Image.new("RGB", (width, height), (128, 128, 128))}
+    if names & set(VIDEO_PIPELINES):
+        return {"num_frames": default_frames(denoiser_of(pipe))}
     net = controlnet_of(pipe)
     if net is not None:  # a gray control image per ControlNet (and a gray picture to start from, img2img)
         gray = Image.new("RGB", (width, height), (128, 128, 128))
@@ -169,6 +191,39 @@ def timestep_of(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
     if position is not None and len(args) > position:
         return args[position]
     return kwargs.get("timestep")
+
+
+MOTION_DENOISERS = ("UNetMotionModel",)
+"""Denoisers whose sample is [batch, channels, frames, rows, cols] and whose pipeline repeats the prompt embeddings
+once per frame (AnimateDiff)."""
+SVD_DENOISERS = ("UNetSpatioTemporalConditionModel",)
+"""Denoisers whose sample is [batch, frames, channels, rows, cols], conditioned on an image embedding and 3 added
+time ids (Stable Video Diffusion)."""
+MOTION_FRAMES = 16  # AnimateDiff's default number of frames (the example call's)
+
+
+def _is(model: Any, names: tuple[str, ...]) -> bool:
+    return any(cls.__name__ in names for cls in type(model).__mro__)
+
+
+def default_frames(model: torch.nn.Module) -> int | None:
+    """The frames of a video denoiser's call when none are asked for: SVD's `num_frames`, AnimateDiff's 16 (at most
+    its motion modules' `motion_max_seq_length`); None for image denoisers."""
+    config = model.config
+    if _is(model, SVD_DENOISERS):
+        return int(config.num_frames)
+    if _is(model, MOTION_DENOISERS):
+        return min(MOTION_FRAMES, config.get("motion_max_seq_length") or MOTION_FRAMES)
+    return None
+
+
+def frames_per_batch_row(model: torch.nn.Module, args: tuple, kwargs: dict) -> int:
+    """How many rows of a conditioning input belong to one batch element: the frames for AnimateDiff, whose pipeline
+    repeats the prompt embeddings per frame ([batch x frames, tokens, width]); 1 for every other denoiser."""
+    if not _is(model, MOTION_DENOISERS):
+        return 1
+    sample = args[0] if args else kwargs.get("sample")
+    return int(sample.shape[2]) if isinstance(sample, torch.Tensor) and sample.dim() == 5 else 1
 
 
 def _side(sample_size: Any) -> tuple[int, int]:
@@ -207,11 +262,16 @@ def class_labels(model: torch.nn.Module, batch: int, *, device: Any = "meta", dt
 
 
 def example_inputs(model: torch.nn.Module, batch: int = 2, height: int | None = None, width: int | None = None, *,
-                   device: Any = "meta", dtype: torch.dtype = torch.float32, seed: int = 0) -> dict:
+                   device: Any = "meta", dtype: torch.dtype = torch.float32, seed: int = 0,
+                   frames: int | None = None) -> dict:
     """Keyword arguments of one denoiser call at `height` x `width` latent rows/columns (default: the model's
     sample size): empty tensors on the meta device (tracing), else seeded random values. UNets get `in_channels`
     input channels (9 for inpainting: latent, mask, masked-image latent; 7 for the x4 upscaler: latent, low-res
-    image), SDXL's added conditioning and, with a class embedding, `class_labels` (see `class_labels`)."""
+    image), SDXL's added conditioning and, with a class embedding, `class_labels` (see `class_labels`). Video
+    UNets get `frames` frames (default: SVD's `num_frames`, AnimateDiff's 16, at most its motion modules'
+    `motion_max_seq_length`): SVD a 5-D sample, one image
+    embedding per video and its 3 added time ids (fps, motion bucket, noise augmentation); AnimateDiff a 5-D sample
+    and the prompt embeddings once per frame, as their pipelines call them."""
     config = model.config
     device = torch.device(device)
     default_h, default_w = _side(config.get("sample_size"))
@@ -232,8 +292,16 @@ def example_inputs(model: torch.nn.Module, batch: int = 2, height: int | None = 
         raise UserError(f"paradiff does not know the inputs of {type(model).__name__} yet.")
     cross = config.cross_attention_dim
     cross = cross[0] if isinstance(cross, (list, tuple)) else cross
-    kwargs: dict = dict(sample=randn(batch, config.in_channels, h, w), timestep=timestep,
-                        encoder_hidden_states=randn(batch, 77, cross))
+    if _is(model, SVD_DENOISERS):
+        frames = frames or default_frames(model)
+        ids = torch.tensor([[6.0, 127.0, 0.02]] * batch)  # fps - 1, motion bucket id, noise augmentation
+        return dict(sample=randn(batch, frames, config.in_channels, h, w), timestep=timestep,
+                    encoder_hidden_states=randn(batch, 1, cross),
+                    added_time_ids=ids.to(device, dtype) if device.type != "meta" else randn(batch, 3))
+    motion = _is(model, MOTION_DENOISERS)
+    frames = (frames or default_frames(model)) if motion else 1
+    sample = randn(batch, config.in_channels, frames, h, w) if motion else randn(batch, config.in_channels, h, w)
+    kwargs: dict = dict(sample=sample, timestep=timestep, encoder_hidden_states=randn(batch * frames, 77, cross))
     labels = class_labels(model, batch, device=device, dtype=dtype, generator=generator)
     if labels is not None:
         kwargs["class_labels"] = labels

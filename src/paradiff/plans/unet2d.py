@@ -69,9 +69,14 @@ def _refuse(name: str, module: torch.nn.Module, *_):
 
 @dataclass(frozen=True)
 class Rule:
+    """`install(name, module, exchange, gn_mode, register)` puts the hook on a matched module; None: the module is
+    known and needs none. `inside`: the rules for the matched module's descendants, in place of the table's (a
+    temporal block whose self-attention mixes frames, not rows, `paradiff.plans.video`)."""
+
     kind: str
     matches: Callable[[torch.nn.Module], bool]
-    install: Callable
+    install: Callable | None
+    inside: tuple["Rule", ...] | None = None
 
 
 PATCH_PLAN = (
@@ -86,10 +91,20 @@ PATCH_PLAN = (
 def apply(unet: torch.nn.Module, exchange: StaleExchange, gn_mode: str, register: Register,
           plan: tuple[Rule, ...] = PATCH_PLAN) -> dict[str, list]:
     """Install the displaced-patch hooks of `plan` on `unet`; returns the hooks installed, by kind."""
-    hooks: dict[str, list] = {rule.kind: [] for rule in plan if rule.kind != "refused"}
-    for name, module in unet.named_modules():
-        rule = next((rule for rule in plan if rule.matches(module)), None)
-        if rule is not None:
+    hooks: dict[str, list] = {rule.kind: [] for rule in plan if rule.kind != "refused" and rule.install is not None}
+    seen: set[int] = set()
+
+    def visit(name: str, module: torch.nn.Module, rules: tuple[Rule, ...]) -> None:
+        if id(module) in seen:  # a module shared by two parents is hooked once, as named_modules() would
+            return
+        seen.add(id(module))
+        rule = next((rule for rule in rules if rule.matches(module)), None)
+        if rule is not None and rule.install is not None:
             installed = rule.install(name, module, exchange, gn_mode, register)  # a refusal raises here
-            hooks[rule.kind].append(installed)
+            hooks.setdefault(rule.kind, []).append(installed)
+        inner = rule.inside if rule is not None and rule.inside is not None else rules
+        for child_name, child in module.named_children():
+            visit(f"{name}.{child_name}" if name else child_name, child, inner)
+
+    visit("", unet, plan)
     return hooks

@@ -39,14 +39,14 @@ from paradiff.methods.asyncdenoise.controller import _Controller
 from paradiff.methods.asyncdenoise.units import _ControlNetHook, _State, _UnitHook
 from paradiff.methods.split import CONTROLNET, Split, controlnet_configs, controlnet_twin, split
 from paradiff.parallel import ParallelMethod, Parallelized, parallelize_module
+from paradiff.plans.common import meta_model
 
 HOOK_NAME = "paradiff.async"
 DEFAULT_WARMUP = 3
 
 
 def _meta_twin(model: torch.nn.Module) -> torch.nn.Module:
-    with torch.device("meta"):
-        twin = type(model).from_config(dict(model.config))
+    twin = meta_model(type(model), dict(model.config))
     if model.dtype != torch.float32:
         torch.nn.Module.to(twin, model.dtype)  # plain Module.to: diffusers' override warns about fp32 modules
     return twin.eval().requires_grad_(False)

@@ -353,7 +353,7 @@ def test_generate_writes_videos(folders, capsys):
     ("animatediff", [], "give a prompt"),
     ("animatediff", ["a cat", "--num-frames", "9"], "--num-frames 9: "),
     ("animatediff", ["a cat", "--image", "image.png"], "--image needs an inpainting model (with --mask), the x4 "
-                                                       "upscaler or an image-to-video model"),
+                                                       "upscaler, an image-to-video model or a ControlNet"),
     # 4 patches of the tiny motion UNet need 8 latent rows: 16 px of image (2 px per row)
     ("animatediff", ["a cat", "--size", "40x32", "--method", "patch", "--nproc", "4"], "got 20 latent rows (40 px)"),
 ])

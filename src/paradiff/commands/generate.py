@@ -231,9 +231,10 @@ def prepare_pipeline(args: argparse.Namespace):
     """This rank's runtime and the loaded pipeline, parallelized as the flags ask (every rank calls it)."""
     from paradiff.commands.common import load_for_command
     from paradiff.parallel import parallelize
+    from paradiff.plans.common import denoiser_of
 
     rt, methods, pipe = load_for_command(args, args.model)
-    pipe = control.controlnet_pipeline(pipe, args, pipe.unet.dtype)
+    pipe = control.controlnet_pipeline(pipe, args, denoiser_of(pipe).dtype)
     if methods:
         parallelize(pipe, *methods)
     else:

@@ -17,6 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 BAND_BYTES = 256 * 1024  # rows per band: enough data that compression loses almost nothing at band seams
+# zlib level 1: several times faster than zlib's default (6) on smooth images, for a slightly larger file (measured:
+# benchmarks/results/serve-sdxl1024-h200/README.md); an answer's latency matters more than its size
+LEVEL = 1
 _pool: ThreadPoolExecutor | None = None
 
 
@@ -59,7 +62,7 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
 
-def encode_png(pixels: np.ndarray, level: int = 6) -> bytes:
+def encode_png(pixels: np.ndarray, level: int = LEVEL) -> bytes:
     """The PNG of a uint8 array (H, W) gray, (H, W, 3) RGB or (H, W, 4) RGBA; lossless."""
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]

@@ -234,6 +234,22 @@ def test_async_split_places_the_controlnet_once():
     assert split(unet, 2).controlnet_unit is None
 
 
+def test_async_split_sends_no_controlnet_residual_back():
+    """Regression: for this UNet at N=2 the split used to put the ControlNet last (better balance), so its residuals
+    went back to component 0's up blocks and reached them a step late, added to that step's fresh skips; on the
+    reference ControlNet one held-out image in 16 diverged from serial. Every transfer now runs forwards."""
+    from paradiff.methods.split import backward_transfers, split
+    from support.models import tiny_controlnet, tiny_unet
+
+    unet, net = tiny_unet("sd-wide"), tiny_controlnet()
+    for n in (2, 3, 4):
+        plan = split(unet, n, net)
+        assert [t for t in plan.transfers() if t[2] >= t[3]] == [], n
+        assert backward_transfers(plan) == [], n
+    plan = split(unet, 2, net)
+    assert plan.component_of(plan.controlnet_unit) == 0
+
+
 # -- the CLI: `paradiff generate --controlnet ... --control-image ...` -------------------------------------------
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):

@@ -12,7 +12,12 @@ all ranks agree on the split without communicating.
 A pipeline's ControlNet is one more unit, `CONTROLNET`, traced with the denoiser: its residuals enter the
 denoiser's forward, so the same autograd walk finds the units that consume them, and its FLOPs count for the
 component that runs it. It has no inputs from other units, so `split` may place it first (with the down blocks)
-or last (with the high-resolution up blocks, which consume its largest residuals) and keeps the better split.
+or last (with the high-resolution up blocks, which consume its largest residuals) and keeps the better split of
+those in which no value flows back to an earlier component. Placed last, the ControlNet would send residuals
+back to the earlier components that hold the lower-resolution up blocks, which would add the previous step's
+residuals to this step's skips (a mismatch that can make an image diverge from serial); placed first, every
+consumer gets residuals of the same step as its other inputs. So "last" is kept only where the last component
+holds every consumer.
 """
 
 from __future__ import annotations
@@ -293,7 +298,8 @@ def split(model: torch.nn.Module, n: int, controlnet: torch.nn.Module | None = N
     Deep transformer stacks (SDXL's 10-block attentions) are first opened into single blocks to find the best
     cut; only the stacks that a cut actually falls inside stay open (their small glue then runs on every rank),
     the others are closed again. The better of this and the plain block-level split is kept; with a ControlNet,
-    the best of these with the ControlNet first and last.
+    the best of these with the ControlNet first and last, leaving out splits that send a value back to an earlier
+    component (`backward_transfers`).
     """
     if n < 1:
         raise UserError(f"AsyncDenoise needs at least 1 component, got {n}.")
@@ -309,9 +315,18 @@ def split(model: torch.nn.Module, n: int, controlnet: torch.nn.Module | None = N
             candidates.append(Split(place(coarse), partition(place(coarse).flops, n)))
         if fine.units != coarse.units:
             candidates += _fine_split(model, place(fine), n, controlnet, place)
+    candidates = [s for s in candidates if not backward_transfers(s)]
     if not candidates:
         raise UserError(f"{coarse.model} cannot be cut into {n} balanced components.")
     return min(candidates, key=lambda s: max(s.costs) + s.graph.shared_flops)
+
+
+def backward_transfers(s: Split) -> list[tuple[int, int, int, int]]:
+    """The transfers of `s` from a later component to an earlier one. Every consumer of a stale value should get
+    it from its own step's wavefront: component k at an asynchronous step reads what earlier components computed
+    one step before. A value sent backwards (the ControlNet run last, its residuals read by earlier components'
+    up blocks) reaches its consumer a step late while the consumer's other inputs are fresh."""
+    return [t for t in s.transfers() if t[2] > t[3]]
 
 
 def _fine_split(model: torch.nn.Module, fine: Graph, n: int, controlnet: Any, place: Any) -> list[Split]:

@@ -402,7 +402,7 @@ class Stream:
         torch, w = self.w.torch, self.w
         size = 64 if w.args.smoke else 512
         start = time.perf_counter()
-        pipe, taesd = w.stream_models()
+        pipe, taesd = w.stream_models()[:2]  # newer stream_bench also returns a ControlNet
         compile = w.backend == "inductor"
         self.stream = paradiff.StreamPipeline(pipe, [35], guidance="none", frame_buffer_size=self.fbs, tiny_vae=taesd,
                                               height=size, width=size, cuda_graph=w.cuda, compile=compile)

@@ -5,7 +5,8 @@ What each method must do with the ControlNet (not only give the serial image):
 - PatchParallel: the ControlNet is row-split too; its conditioning embedding gets the control image's rows of this
   rank's patch (pixel rows = latent rows x its scale), and the residuals stay per-patch rows.
 - CFGParallel: the ControlNet's batch is split with the UNet's (guess mode: the cond batch whole).
-- AsyncDenoise: the ControlNet runs on one rank of the async group only; the others never call it.
+- AsyncDenoise: the ControlNet's blocks are units of the split: each runs on one rank of the async group only (a
+  large ControlNet over several ranks).
 """
 
 from __future__ import annotations
@@ -54,21 +55,43 @@ def _build(kind: str):
     return pipe
 
 
+def _ran(pipe, methods: list) -> set:
+    """Under AsyncDenoise, the ControlNet units this rank runs (not stands in for), filled in as they run: each
+    unit's first weight-holding layer records it."""
+    from paradiff import AsyncDenoise
+    from paradiff.methods.split import CONTROLNET
+
+    ran: set = set()
+    for method in methods:
+        if isinstance(method, AsyncDenoise):
+            for name in method.split.graph.units:
+                if name.startswith(CONTROLNET):
+                    unit = pipe.controlnet.get_submodule(name[len(CONTROLNET):])
+                    layer = next(m for m in unit.modules() if not list(m.children()) and list(m.parameters()))
+                    layer.register_forward_pre_hook(lambda *_, name=name: ran.add(name))
+    return ran
+
+
 def _play(cases: list) -> dict:
     """On every rank, per (kind, methods, exact, guess): serial and parallel latents, and what this rank's
-    ControlNets computed: the control image rows their conditioning embedding saw, per call."""
+    ControlNets computed: the control image rows their conditioning embedding saw, per call, and (async) the
+    ControlNet units it ran."""
     import paradiff
     from paradiff.plans.common import controlnets
 
     out = {}
     for kind, spec, exact, guess in cases:
         serial = _call(_build(kind), kind, guess)
-        pipe = paradiff.parallelize(_build(kind), *_methods(spec, STEPS if exact else 1))
+        methods = _methods(spec, STEPS if exact else 1)
+        pipe = paradiff.parallelize(_build(kind), *methods)
         pipe.set_progress_bar_config(disable=True)
         seen = []
-        for net in controlnets(pipe.controlnet):
-            net.controlnet_cond_embedding.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape)))
-        out[(kind, spec, exact, guess)] = {"latent": _call(pipe, kind, guess), "serial": serial, "seen": seen}
+        for net in controlnets(pipe.controlnet):  # its first conv: runs only where the embedding really runs
+            net.controlnet_cond_embedding.conv_in.register_forward_pre_hook(
+                lambda m, a: seen.append(tuple(a[0].shape)))
+        ran = _ran(pipe, methods)
+        out[(kind, spec, exact, guess)] = {"latent": _call(pipe, kind, guess), "serial": serial, "seen": seen,
+                                           "ran": ran}
         if not exact:
             out[(kind, spec, exact, guess)]["again"] = _call(pipe, kind, guess)
     return out
@@ -81,6 +104,17 @@ def _diff(a, b) -> float:
 
 def _tolerance(want) -> float:
     return ATOL * max(1.0, float(np.asarray(want, np.float64).std()))
+
+
+def _check_async_units(ranks: list, case: tuple, groups: int) -> list[str]:
+    """Each ControlNet unit ran on one rank of each async group."""
+    counts: dict = {}
+    for result in ranks:
+        for name in result[case]["ran"]:
+            counts[name] = counts.get(name, 0) + 1
+    wrong = {name: count for name, count in counts.items() if count != groups}
+    return [f"{case[0]}/{case[1]}: ControlNet units not run once per async group: {wrong}"] if wrong or not counts \
+        else []
 
 
 def _check_exact(ranks: list, cases: list, mesh: dict) -> list[str]:
@@ -106,10 +140,12 @@ def _check_exact(ranks: list, cases: list, mesh: dict) -> list[str]:
             if seen and set(seen) != {(batch, 3, rows, 32)}:
                 bad.append(f"{kind}/{spec} rank {rank}: the ControlNet saw control images {sorted(set(seen))}, "
                            f"not {(batch, 3, rows, 32)}")
-        if "async" in spec:  # once per step per async group: one rank of each runs it
+        if "async" in spec:  # the embedding once per step per async group: one rank of each runs it
             groups = 2 if "cfg" in spec else 1
             if sorted(runs) != [0] * (len(ranks) - groups) + [calls] * groups:
-                bad.append(f"{kind}/{spec}: ControlNet runs per rank {runs}, want one rank per async group")
+                bad.append(f"{kind}/{spec}: ControlNet embedding runs per rank {runs}, want one rank per async "
+                           f"group")
+            bad += _check_async_units(ranks, case, groups)
         elif runs != [calls] * len(ranks):
             bad.append(f"{kind}/{spec}: ControlNet runs per rank {runs}, want {calls} on every rank")
     return bad
@@ -144,14 +180,31 @@ EXACT_4 = [("sd", "patch", True, False), ("sd-multi", "cfg+patch", True, False),
            ("sd-img2img", "cfg+async", True, False)]
 
 
+def _split_ranks(ranks: list, case: tuple) -> int:
+    """How many ranks ran ControlNet units."""
+    return sum(bool(result[case]["ran"]) for result in ranks)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(500)
 def test_controlnet_pipelines_exact_on_four_ranks():
-    """Patch over 4, CFG x patch 2 x 2 (MultiControlNet), async over 4 (the ControlNet a component of its own,
-    see the split test) and CFG x async 2 x 2 (img2img): equal to serial on every rank."""
+    """Patch over 4, CFG x patch 2 x 2 (MultiControlNet), async over 4 (the ControlNet's blocks over two ranks)
+    and CFG x async 2 x 2 (img2img): equal to serial on every rank."""
     ranks = run_ranks(_play, 4, EXACT_4, timeout=480)
     bad = _check_exact(ranks, EXACT_4, {"patch": 4, "cfg+patch": 4, "async": 4, "cfg+async": 4})
     assert not bad, "; ".join(bad)
+    assert _split_ranks(ranks, ("sdxl", "async", True, False)) > 1
+
+
+def _check_stale(ranks: list, cases: list) -> None:
+    """Warm-up 1: each case runs, repeats bit for bit, differs from serial and stays close to it (within a fifth
+    of the latent's spread on the tiny random model)."""
+    for case in cases:
+        result = ranks[0][case]
+        diff, scale = _diff(result["latent"], result["serial"]), float(result["serial"].std())
+        assert np.isfinite(result["latent"]).all() and _tolerance(result["serial"]) < diff < 0.2 * scale, \
+            (case, diff, scale)
+        assert _diff(result["latent"], result["again"]) == 0.0, case
 
 
 STALE = [("sd", "patch", False, False), ("sdxl", "async", False, False)]
@@ -161,14 +214,26 @@ STALE = [("sd", "patch", False, False), ("sdxl", "async", False, False)]
 @pytest.mark.timeout(300)
 def test_controlnet_stale_modes_run_close_and_deterministic():
     """The approximate defaults' kind (warm-up 1): patch and async run, repeat bit for bit, differ from serial,
-    and stay close to it (within a fifth of the latent's spread on the tiny random model)."""
-    ranks = run_ranks(_play, 2, STALE, timeout=280)
-    for case in STALE:
-        result = ranks[0][case]
-        diff, scale = _diff(result["latent"], result["serial"]), float(result["serial"].std())
-        assert np.isfinite(result["latent"]).all() and _tolerance(result["serial"]) < diff < 0.2 * scale, \
-            (case, diff, scale)
-        assert _diff(result["latent"], result["again"]) == 0.0, case
+    and stay close to it."""
+    _check_stale(run_ranks(_play, 2, STALE, timeout=280), STALE)
+
+
+SPLIT_4 = [("sd-multi", "async", True, False), ("sd-multi", "async", False, False), ("sdxl", "async", False, False)]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(500)
+def test_controlnet_blocks_split_over_async_ranks():
+    """Over 4 async ranks the tiny ControlNets' blocks span the first two components (MultiControlNet's two nets
+    cut inside the second net, SDXL's inside its mid block): exact with warm-up over every step; warm-up 1 runs
+    close to serial, deterministic; every block runs on one rank."""
+    ranks = run_ranks(_play, 4, SPLIT_4, timeout=480)
+    bad = _check_exact(ranks, SPLIT_4[:1], {"async": 4})
+    assert not bad, "; ".join(bad)
+    _check_stale(ranks, SPLIT_4[1:])
+    for case in SPLIT_4:
+        assert not _check_async_units(ranks, case, 1) and _split_ranks(ranks, case) > 1, \
+            (case, [sorted(result[case]["ran"]) for result in ranks])
 
 
 def _wrong_channels() -> str:
@@ -217,28 +282,53 @@ def test_control_image_checks():
                                                                                                         32)]})
 
 
-def test_async_split_places_the_controlnet_once():
-    """The ControlNet is one unit of the traced graph: its FLOPs count for one component, and its residuals are
-    stale values to the components whose up blocks consume them."""
+def test_async_split_cuts_the_controlnet_into_units():
+    """The ControlNet's blocks are units of the traced graph, in its execution order before the denoiser's: the
+    conditioning embedding first, then its down and mid block units. Its residuals are unit outputs that the
+    UNet's up blocks consume, and its FLOPs are balanced with the UNet's."""
+    import diffusers
+
     from paradiff.methods.split import CONTROLNET, split, trace
     from support.models import tiny_controlnet, tiny_unet
 
     unet, net = tiny_unet("sd-wide"), tiny_controlnet()
     graph = trace(unet, controlnet=net)
-    assert graph.units[0] == CONTROLNET and graph.flops[0] > 0.2 * sum(graph.flops)
-    consumers = {graph.units[c] for p, _, c in graph.edges if p == 0}
-    assert consumers and all(name.startswith("up_blocks.") for name in consumers), consumers
-    assert len({leaf for p, leaf, _ in graph.edges if p == 0}) == 5  # conv_in, 3 down skips, the mid residual
+    ours = [u for u, name in enumerate(graph.units) if name.startswith(CONTROLNET)]
+    assert ours == list(range(len(ours))) and graph.units[0] == "controlnet.controlnet_cond_embedding"
+    assert {graph.units[u].split(".")[1] for u in ours} == {"controlnet_cond_embedding", "down_blocks", "mid_block"}
+    assert sum(graph.flops[u] for u in ours) > 0.2 * sum(graph.flops)
+    residuals = {(p, leaf) for p, leaf, c in graph.edges if p in ours and c not in ours}
+    assert {graph.units[c] for p, _, c in graph.edges if p in ours and c not in ours} <= \
+        {name for name in graph.units if name.startswith("up_blocks.")}
+    assert len(residuals) == 5  # conv_in + the embedding, 3 down skips, the mid residual
+    assert all(any(c == u for _, _, c in graph.edges) for u in ours[1:])  # each reads an earlier unit
     plan = split(unet, 2, net)
-    assert plan.controlnet_unit is not None and plan.balance < 1.3
-    assert split(unet, 2).controlnet_unit is None
+    assert plan.controlnet_units and plan.balance < 1.3
+    assert split(unet, 2).controlnet_units == ()
+    many = trace(unet, controlnet=diffusers.MultiControlNetModel([net, tiny_controlnet(seed=1)]))
+    assert [name for name in many.units if name.startswith(CONTROLNET)][::len(ours)] == \
+        ["controlnet.nets.0.controlnet_cond_embedding", "controlnet.nets.1.controlnet_cond_embedding"]
+
+
+def test_async_split_keeps_the_output_with_the_last_component():
+    """With the ControlNet's units placed after the UNet's, the last component must keep a UNet unit (it computes
+    the output); tiny SD over 4 would otherwise end on ControlNet blocks alone."""
+    from paradiff.methods.split import CONTROLNET, _controlnet_last, partition, split, trace
+    from support.models import tiny_controlnet, tiny_unet
+
+    unet, net = tiny_unet("sd-wide"), tiny_controlnet()
+    last = _controlnet_last(trace(unet, controlnet=net))
+    bounds = partition(last.flops, 4)
+    assert all(name.startswith(CONTROLNET) for name in last.units[bounds[3]:])  # the cheapest split, rejected
+    plan = split(unet, 4, net)
+    assert not all(name.startswith(CONTROLNET) for name in plan.units_of(3))
 
 
 def test_async_split_sends_no_controlnet_residual_back():
     """Regression: for this UNet at N=2 the split used to put the ControlNet last (better balance), so its residuals
     went back to component 0's up blocks and reached them a step late, added to that step's fresh skips; on the
     reference ControlNet one held-out image in 16 diverged from serial. Every transfer now runs forwards."""
-    from paradiff.methods.split import backward_transfers, split
+    from paradiff.methods.split import CONTROLNET, backward_transfers, split
     from support.models import tiny_controlnet, tiny_unet
 
     unet, net = tiny_unet("sd-wide"), tiny_controlnet()
@@ -247,7 +337,7 @@ def test_async_split_sends_no_controlnet_residual_back():
         assert [t for t in plan.transfers() if t[2] >= t[3]] == [], n
         assert backward_transfers(plan) == [], n
     plan = split(unet, 2, net)
-    assert plan.component_of(plan.controlnet_unit) == 0
+    assert {plan.component_of(u) for u, name in enumerate(plan.graph.units) if name.startswith(CONTROLNET)} == {0}
 
 
 # -- the CLI: `paradiff generate --controlnet ... --control-image ...` -------------------------------------------
@@ -340,18 +430,19 @@ def test_generate_with_controlnets(folders):
     ("sdxl-controlnet", 1_251_014_160, "StableDiffusionXLControlNetPipeline"),  # = ControlNetModel.from_unet(SDXL)
 ])
 def test_shipped_controlnet_configs(arch, count, pipeline):
-    """The ControlNet's parameters on the meta device; the whole pipeline builds; the async split with the
-    ControlNet in it is balanced."""
+    """The ControlNet's parameters on the meta device; the whole pipeline builds; the async splits with the
+    ControlNet's blocks in them are balanced, and over 4 the ControlNet spans two components."""
     from paradiff import archs
     from paradiff.methods.split import split
 
     assert archs.parameter_count(arch, "controlnet") == count
     assert type(archs.build_pipeline(arch, device="meta")).__name__ == pipeline
     unet, net = archs.build_model(arch, device="meta"), archs.build_controlnet(arch, device="meta")
-    # over 4, SDXL's ControlNet (a third of the work, one unit) is a component alone and the bottleneck
-    for n in (2, 4) if arch == "sd15-controlnet" else (2,):
+    for n in (2, 3, 4):
         plan = split(unet, n, net)
-        assert plan.balance <= 1.3 and plan.controlnet_unit is not None, (arch, n, plan.balance)
+        comps = {plan.component_of(u) for u in plan.controlnet_units}
+        assert plan.balance <= 1.3 and comps, (arch, n, plan.balance)
+        assert n < 4 or len(comps) > 1, (arch, n, comps)
     assert archs.build_controlnet("sd15", device="meta") is None
 
 

@@ -9,15 +9,14 @@ walked back to the leaves they were computed from. `split(model, n)` then cuts t
 contiguous components of near-equal FLOPs (exact min-max partition). The same trace is computed on every rank, so
 all ranks agree on the split without communicating.
 
-A pipeline's ControlNet is one more unit, `CONTROLNET`, traced with the denoiser: its residuals enter the
-denoiser's forward, so the same autograd walk finds the units that consume them, and its FLOPs count for the
-component that runs it. It has no inputs from other units, so `split` may place it first (with the down blocks)
-or last (with the high-resolution up blocks, which consume its largest residuals) and keeps the better split of
-those in which no value flows back to an earlier component. Placed last, the ControlNet would send residuals
-back to the earlier components that hold the lower-resolution up blocks, which would add the previous step's
-residuals to this step's skips (a mismatch that can make an image diverge from serial); placed first, every
-consumer gets residuals of the same step as its other inputs. So "last" is kept only where the last component
-holds every consumer.
+A pipeline's ControlNet is traced with the denoiser, and its blocks are units too (named `controlnet.` + the
+module's name in it; see `paradiff.plans.async_units.controlnet_units`): its residuals enter the denoiser's forward,
+so the same autograd walk finds the units that consume them, and its FLOPs are balanced with the denoiser's. Its
+units read no denoiser unit, so `split` may place them first (before the down blocks) or last (after the
+high-resolution up blocks, which consume its largest residuals) and keeps the better split. Of those it leaves out splits in which a value flows back to an earlier component
+(`backward_transfers`): placed last, ControlNet units would send residuals back to the earlier components that
+hold the lower-resolution up blocks, which would add the previous step's residuals to this step's skips (a
+mismatch that can make an image diverge from serial).
 """
 
 from __future__ import annotations
@@ -31,13 +30,14 @@ import torch
 from torch.utils import _pytree as pytree
 
 from paradiff.errors import UserError
-from paradiff.plans.async_units import ALL, family_of
+from paradiff.plans.async_units import ALL, controlnet_units, family_of
 from paradiff.plans.common import meta_model
 
 OUTPUT = -1
 """Consumer index of the model's final output (run by every rank from the last component's values)."""
-CONTROLNET = "controlnet"
-"""The unit name of a pipeline's ControlNet (the whole ControlNetModel or MultiControlNetModel)."""
+CONTROLNET = "controlnet."
+"""The prefix of the unit names of a pipeline's ControlNet (controlnet.down_blocks.0.resnets.0, for a
+MultiControlNetModel controlnet.nets.1.mid_block, ...)."""
 
 
 @dataclass(frozen=True)
@@ -67,9 +67,9 @@ class Split:
         return len(self.bounds) - 1
 
     @property
-    def controlnet_unit(self) -> int | None:
-        """The ControlNet's unit index (None: traced without one)."""
-        return self.graph.units.index(CONTROLNET) if CONTROLNET in self.graph.units else None
+    def controlnet_units(self) -> tuple[int, ...]:
+        """The indices of the ControlNet's units (none: traced without one)."""
+        return tuple(u for u, name in enumerate(self.graph.units) if name.startswith(CONTROLNET))
 
     def component_of(self, unit: int) -> int:
         if unit == OUTPUT:
@@ -132,8 +132,8 @@ def controlnet_twin(configs: str) -> torch.nn.Module:
 
 def trace(model: torch.nn.Module, batch: int = 2, expand: Any = frozenset(),
           controlnet: torch.nn.Module | None = None) -> Graph:
-    """The unit graph of `model` (cached per class and config; costs nothing but a meta-device forward), with
-    `controlnet` (the pipeline's) as the first unit when given."""
+    """The unit graph of `model` (cached per class and config; costs nothing but a meta-device forward), with the
+    units of `controlnet` (the pipeline's, called first) when given."""
     return _trace_cached(type(model), json.dumps(dict(model.config), sort_keys=True, default=str), batch, expand,
                          controlnet_configs(controlnet))
 
@@ -148,8 +148,10 @@ def _trace_cached(cls: type, config_json: str, batch: int, expand: Any, controln
     names = family.units(twin, expand)
     modules = dict(twin.named_modules())
     if controlnet:
-        names.append(CONTROLNET)
-        modules[CONTROLNET] = net = controlnet_twin(controlnet)
+        net = controlnet_twin(controlnet)
+        for name in controlnet_units(net, CONTROLNET, expand):
+            names.append(name)
+            modules[name] = net.get_submodule(name[len(CONTROLNET):])
     index = {name: i for i, name in enumerate(names)}
     owner: dict[int, tuple[int, int]] = {}
     keep: list[torch.Tensor] = []          # keeps leaves alive so their ids stay unique
@@ -256,11 +258,11 @@ def controlnet_inputs(net: torch.nn.Module, inputs: dict) -> dict:
 
 
 def _controlnet_last(graph: Graph) -> Graph:
-    """`graph` with its ControlNet unit moved from the first place to the last (it has no unit inputs, so any
-    place is a valid execution order; the last joins it to the high-resolution up blocks)."""
-    m = len(graph.units)
-    move = {0: m - 1, **{u: u - 1 for u in range(1, m)}, OUTPUT: OUTPUT}
-    order = list(range(1, m)) + [0]
+    """`graph` with its ControlNet units moved after the denoiser's, in their order (they read no denoiser unit,
+    so this is a valid execution order too; it joins them to the high-resolution up blocks)."""
+    net = [u for u, name in enumerate(graph.units) if name.startswith(CONTROLNET)]
+    order = [u for u in range(len(graph.units)) if u not in net] + net
+    move = {**{old: new for new, old in enumerate(order)}, OUTPUT: OUTPUT}
     return Graph(model=graph.model, units=tuple(graph.units[u] for u in order),
                  flops=tuple(graph.flops[u] for u in order), params=tuple(graph.params[u] for u in order),
                  shared_flops=graph.shared_flops, shared_params=graph.shared_params,
@@ -298,8 +300,8 @@ def split(model: torch.nn.Module, n: int, controlnet: torch.nn.Module | None = N
     Deep transformer stacks (SDXL's 10-block attentions) are first opened into single blocks to find the best
     cut; only the stacks that a cut actually falls inside stay open (their small glue then runs on every rank),
     the others are closed again. The better of this and the plain block-level split is kept; with a ControlNet,
-    the best of these with the ControlNet first and last, leaving out splits that send a value back to an earlier
-    component (`backward_transfers`).
+    the best of these with its units first and last (last: only where the last component keeps a denoiser unit),
+    leaving out splits that send a value back to an earlier component (`backward_transfers`).
     """
     if n < 1:
         raise UserError(f"AsyncDenoise needs at least 1 component, got {n}.")
@@ -315,6 +317,9 @@ def split(model: torch.nn.Module, n: int, controlnet: torch.nn.Module | None = N
             candidates.append(Split(place(coarse), partition(place(coarse).flops, n)))
         if fine.units != coarse.units:
             candidates += _fine_split(model, place(fine), n, controlnet, place)
+    # the last component computes the output from the denoiser's last unit: ControlNet units alone there would
+    # only pass on the previous step's output in an asynchronous step
+    candidates = [s for s in candidates if not all(name.startswith(CONTROLNET) for name in s.units_of(n - 1))]
     candidates = [s for s in candidates if not backward_transfers(s)]
     if not candidates:
         raise UserError(f"{coarse.model} cannot be cut into {n} balanced components.")

@@ -58,14 +58,35 @@ def _children_units(prefix: str, block: torch.nn.Module, expand: Any) -> list[st
     return names if names and listed == total else [prefix]
 
 
-def _unet_units(model: torch.nn.Module, expand: Any = frozenset()) -> list[str]:
+def _encoder_units(model: torch.nn.Module, expand: Any, prefix: str = "") -> list[str]:
+    """The units of a UNet's (or a ControlNet's) down blocks and mid block."""
     units: list[str] = []
     for i, block in enumerate(model.down_blocks):
-        units += _children_units(f"down_blocks.{i}", block, expand)
+        units += _children_units(f"{prefix}down_blocks.{i}", block, expand)
     if model.mid_block is not None:
-        units += _children_units("mid_block", model.mid_block, expand)
+        units += _children_units(f"{prefix}mid_block", model.mid_block, expand)
+    return units
+
+
+def _unet_units(model: torch.nn.Module, expand: Any = frozenset()) -> list[str]:
+    units = _encoder_units(model, expand)
     for i, block in enumerate(model.up_blocks):
         units += _children_units(f"up_blocks.{i}", block, expand)
+    return units
+
+
+def controlnet_units(net: torch.nn.Module, prefix: str, expand: Any = frozenset()) -> list[str]:
+    """A pipeline's ControlNet as units, named `prefix` + the module's name in `net`: per ControlNetModel (each net
+    of a MultiControlNetModel), its conditioning embedding (it reads only the control image) and the units of its
+    down and mid blocks, as a UNet's. So a large ControlNet spreads over components like the UNet does. Its conv_in,
+    time embedding and residual projections (1x1 convs) are shared glue."""
+    from paradiff.plans.common import controlnets
+
+    units: list[str] = []
+    many = hasattr(net, "nets")
+    for i, one in enumerate(controlnets(net)):
+        base = f"{prefix}nets.{i}." if many else prefix
+        units += [f"{base}controlnet_cond_embedding"] + _encoder_units(one, expand, base)
     return units
 
 

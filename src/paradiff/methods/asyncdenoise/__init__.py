@@ -45,8 +45,8 @@ HOOK_NAME = "paradiff.async"
 DEFAULT_WARMUP = 3
 
 
-def _meta_twin(model: torch.nn.Module) -> torch.nn.Module:
-    twin = meta_model(type(model), dict(model.config))
+def _meta_twin(model: torch.nn.Module, twin: torch.nn.Module) -> torch.nn.Module:
+    """`twin` (a meta-device copy of `model`) in `model`'s dtype, for the output shapes of units run elsewhere."""
     if model.dtype != torch.float32:
         torch.nn.Module.to(twin, model.dtype)  # plain Module.to: diffusers' override warns about fp32 modules
     return twin.eval().requires_grad_(False)
@@ -91,32 +91,35 @@ class AsyncDenoise(ParallelMethod):
             raise UserError(f"AsyncDenoise with stride {self.stride} needs at least 2 ranks (N components + "
                             f"{self.stride - 1}), got {size}.")
         self.split = plan = split(model, n, target.controlnet)
-        self.state = state = _State(plan, group, self.stride)
-        state.twin = _meta_twin(model)
-        for unit, name in enumerate(plan.graph.units):
-            if name == CONTROLNET:
-                continue  # its hook goes on in apply_controlnet
-            module = model.get_submodule(name)
-            local = plan.component_of(unit) == state.comp
-            if not local:
-                free_weights(module, f"the denoiser's {name}",
-                             "another rank runs it under AsyncDenoise; load the model again to run it whole.")
-            target.register(module, _UnitHook(state, unit, name, local), HOOK_NAME, watch=name)
-        self.controller = _Controller(state, model, target, self.warmup_steps, self.time_shift, self.execution)
+        self.state = _State(plan, group, self.stride)
+        self._hook_units(target, model, _meta_twin(model, meta_model(type(model), dict(model.config))), "",
+                         "the denoiser's", "load the model again to run it whole.")
+        self.controller = _Controller(self.state, model, target, self.warmup_steps, self.time_shift, self.execution)
         target.register(model, self.controller, HOOK_NAME)
 
     def apply_controlnet(self, target: Parallelized) -> None:
-        """The ControlNet runs on the rank of the component the split gave it, once per step; the others free
-        it and stand in with the residuals it sends them."""
-        net, state = target.controlnet, self.state
-        twin = controlnet_twin(controlnet_configs(net))
-        if net.dtype != torch.float32:
-            torch.nn.Module.to(twin, net.dtype)
-        hook = _ControlNetHook(state, self.controller, twin)
-        if not hook.local:
-            free_weights(net, "the ControlNet", "another rank runs it under AsyncDenoise; load it again to run it "
-                                                "whole.")
-        target.register(net, hook, HOOK_NAME)
+        """The ControlNet's units, split with the denoiser's, run on the ranks of their components, at its call;
+        its hook exchanges what they produce (see `_ControlNetHook`)."""
+        net = target.controlnet
+        twin = _meta_twin(net, controlnet_twin(controlnet_configs(net)))
+        self._hook_units(target, net, twin, CONTROLNET, "the ControlNet's", "load it again to run it whole.")
+        target.register(net, _ControlNetHook(self.state, self.controller, twin), HOOK_NAME)
+
+    def _hook_units(self, target: Parallelized, root: torch.nn.Module, twin: torch.nn.Module, prefix: str,
+                    what: str, remedy: str) -> None:
+        """A `_UnitHook` on each unit of the split inside `root` (the denoiser: no prefix; the ControlNet: the
+        units named `prefix` + the module's name); the weights of the units other ranks run are freed."""
+        state = self.state
+        for unit, name in enumerate(state.plan.graph.units):
+            if name.startswith(CONTROLNET) != bool(prefix):
+                continue
+            inner = name[len(prefix):]
+            module = root.get_submodule(inner)
+            local = state.plan.component_of(unit) == state.comp
+            if not local:
+                free_weights(module, f"{what} {inner}", f"another rank runs it under AsyncDenoise; {remedy}")
+            target.register(module, _UnitHook(state, unit, name, local, twin.get_submodule(inner)), HOOK_NAME,
+                            watch=inner, root=root)
 
     def check(self, target: Parallelized) -> None:
         for module in target.denoiser.modules():

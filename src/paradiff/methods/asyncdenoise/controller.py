@@ -50,8 +50,8 @@ class _Controller(ModelHook):
         return self._run_static(*args, **kwargs)
 
     def _receive_controlnet(self) -> None:
-        """After an asynchronous step's forward read them: receive this step's ControlNet residuals for the next
-        (posted before the step's other values, in the order the ControlNet's rank sent them)."""
+        """After an asynchronous step's forward read them: receive this step's values of the ControlNet's units for
+        the next step (posted before the step's other values, as their ranks sent them at the ControlNet's call)."""
         st = self.state
         if st.controlnet_recv:
             st.controlnet_recv = False
@@ -114,6 +114,7 @@ class _Controller(ModelHook):
             self._receive_controlnet()
             st.p2p.post(send=True, recv=not sync)
         st.p2p.wait()
+        st.controlnet_p2p.wait()  # the ControlNet call's sends: done with their buffers before the next call
         leaves, self._out_spec = pytree.tree_flatten(out)
         self._out_meta = [(x.shape, x.dtype, x.device) if _tensor(x) else (None, None, None) for x in leaves]
         if st.stride == 2 and not sync and st.grank == st.n - 1:

@@ -28,7 +28,7 @@ def _signature(obj: Any) -> tuple:
 
 
 class _State:
-    """What the controller and the unit hooks of one denoiser share on this rank."""
+    """What the controller, the ControlNet's hook and the unit hooks of one denoiser share on this rank."""
 
     def __init__(self, plan: Split, group: Any, stride: int):
         self.group = group
@@ -38,26 +38,29 @@ class _State:
         self.extra = stride == 2 and self.grank == self.n        # stride 2: the lagging replica of the last comp
         self.comp = min(self.grank, self.n - 1)
         self.plan = plan
-        self.mode = "discover"   # "discover": first sync step at new shapes, communication inside the hooks;
-        #                          "static": hooks only read receive buffers and fill send buffers
+        self.mode = "discover"   # "discover": communication inside the hooks (the first sync step at new shapes;
+        #                          every sync ControlNet call); "static": hooks only read receive buffers and fill
+        #                          send buffers
         self.signature = None    # input signature the buffers were discovered for
         self.placeholders: dict[tuple, torch.Tensor] = {}
         self.structures: dict[tuple, tuple] = {}
-        net = plan.controlnet_unit
-        self.transfers = [t for t in plan.transfers() if t[0] != net]
-        self.p2p = StaleP2P(group, self.transfers, self.ranks_of, self.comp, sends=not self.extra)
+        self.transfers = plan.transfers()
         self.recv_keys = {(p, leaf) for p, leaf, _, dst in self.transfers if dst == self.comp}
-        # the ControlNet's residuals travel on their own channel: it runs before the denoiser call
-        self.controlnet_transfers = [t for t in plan.transfers() if t[0] == net]
-        self.controlnet_p2p = StaleP2P(group, self.controlnet_transfers, self.ranks_of, self.comp,
-                                       sends=not self.extra)
-        self.controlnet_recv = False  # an asynchronous step's ControlNet residuals are received after the step
+        # what the ControlNet's units produce travels on its own channel: they run at its call, before the denoiser's
+        self.controlnet_units = frozenset(plan.controlnet_units)
+        self.p2p = StaleP2P(group, [t for t in self.transfers if t[0] not in self.controlnet_units], self.ranks_of,
+                            self.comp, sends=not self.extra)
+        self.controlnet_p2p = StaleP2P(group, [t for t in self.transfers if t[0] in self.controlnet_units],
+                                       self.ranks_of, self.comp, sends=not self.extra)
+        self.controlnet_recv = False  # an asynchronous step's ControlNet values are received after the step
         self.observer: Callable[[str, str], None] | None = None  # (phase, "start"/"end") around each forward
-        self.twin = None  # meta-device copy of the model, for output shapes of units this rank does not run
 
     def ranks_of(self, comp: int) -> list[int]:
         """Group ranks that run component `comp` (the last one has a lagging replica under stride 2)."""
         return [comp, self.n] if self.stride == 2 and comp == self.n - 1 else [comp]
+
+    def channel(self, unit: int) -> StaleP2P:
+        return self.controlnet_p2p if unit in self.controlnet_units else self.p2p
 
     def sends_of(self, unit: int) -> list[tuple[int, list[int]]]:
         if self.extra:
@@ -71,13 +74,26 @@ class _State:
         return self.placeholders[key]
 
 
-class _UnitHook(ModelHook):
-    """Runs a local unit (and stages its outgoing values) or stands in for a remote one with received values."""
+def _structure(twin: torch.nn.Module, cache: dict, key: tuple, args: tuple, kwargs: dict) -> tuple:
+    """Output tree spec and (shape, dtype) of each tensor leaf of `twin` (a meta-device module) called with the
+    shapes of `args`/`kwargs`, cached under `key`."""
+    if key not in cache:
+        with torch.no_grad():
+            out = twin(*_meta(args), **_meta(kwargs))
+        leaves, spec = pytree.tree_flatten(out)
+        cache[key] = (spec, [(tuple(x.shape), x.dtype) if _tensor(x) else x for x in leaves])
+    return cache[key]
 
-    def __init__(self, state: _State, unit: int, name: str, local: bool):
+
+class _UnitHook(ModelHook):
+    """Runs a local unit (and stages its outgoing values) or stands in for a remote one with received values.
+    `twin`: the unit's meta-device copy (output shapes of a remote unit)."""
+
+    def __init__(self, state: _State, unit: int, name: str, local: bool, twin: torch.nn.Module):
         super().__init__()
-        self.state, self.unit, self.name, self.local = state, unit, name, local
+        self.state, self.unit, self.name, self.local, self.twin = state, unit, name, local, twin
         self.sends = state.sends_of(unit) if local else []
+        self.p2p = state.channel(unit)
 
     def new_forward(self, module, *args, **kwargs):
         st = self.state
@@ -86,13 +102,13 @@ class _UnitHook(ModelHook):
             if self.sends:
                 leaves = pytree.tree_leaves(out)
                 for leaf, peers in self.sends:
-                    buf = st.p2p.stage((self.unit, leaf), leaves[leaf])
+                    buf = self.p2p.stage((self.unit, leaf), leaves[leaf])
                     if st.mode == "discover":
-                        st.p2p.send_now(buf, peers)
+                        self.p2p.send_now(buf, peers)
             return out
         if st.mode == "static":
             return self._out  # the buffers found by the last "discover" step (same input signature)
-        spec, metas = self._structure(args, kwargs)
+        spec, metas = _structure(self.twin, st.structures, (self.unit,) + _signature((args, kwargs)), args, kwargs)
         device = next(x.device for x in pytree.tree_leaves((args, kwargs)) if _tensor(x))
         leaves = []
         for i, meta in enumerate(metas):
@@ -102,84 +118,48 @@ class _UnitHook(ModelHook):
             shape, dtype = meta
             key = (self.unit, i)
             if key in st.recv_keys:
-                buf = st.p2p.receive_buffer(key, shape, dtype, device)
+                buf = self.p2p.receive_buffer(key, shape, dtype, device)
                 if st.mode == "discover":
-                    st.p2p.receive_now(buf, st.plan.component_of(self.unit))
+                    self.p2p.receive_now(buf, st.plan.component_of(self.unit))
                 leaves.append(buf)
             else:
                 leaves.append(st.placeholder(shape, dtype, device))
         self._out = pytree.tree_unflatten(leaves, spec)
         return self._out
 
-    def _structure(self, args, kwargs) -> tuple:
-        """Output tree spec and (shape, dtype) of each tensor leaf, from the unit's meta twin (cached per input)."""
-        st = self.state
-        key = (self.unit,) + _signature((args, kwargs))
-        if key not in st.structures:
-            twin = st.twin.get_submodule(self.name)
-            with torch.no_grad():
-                out = twin(*_meta(args), **_meta(kwargs))
-            leaves, spec = pytree.tree_flatten(out)
-            st.structures[key] = (spec, [(tuple(x.shape), x.dtype) if _tensor(x) else x for x in leaves])
-        return st.structures[key]
-
-
-
 
 class _ControlNetHook(ModelHook):
-    """On the pipeline's ControlNet: the rank whose component holds it runs it, once, and sends each residual to
-    the components that consume it; every other rank skips it and returns the residuals it consumes (this
-    step's in a synchronous step, the previous step's in an asynchronous one) and zeros it never reads."""
+    """On the pipeline's ControlNet, around its call (each step, before the denoiser's): the step's phase and
+    timestep, and the exchange of what its units produce (its blocks are units of the split, each with a
+    `_UnitHook`). A synchronous call passes their values between ranks from inside the hooks, in unit order: with
+    the ControlNet placed last, a rank may feed a later rank's ControlNet blocks and read their residuals in the
+    same call. An asynchronous call reads the previous step's values; its sends are posted after the call and its
+    receives after the denoiser's forward. A rank that runs none of its units and reads none of their outputs skips
+    the call (zeros of the output's shapes)."""
 
     def __init__(self, state: _State, controller: Any, twin: torch.nn.Module):
         super().__init__()
         self.state, self.controller, self.twin = state, controller, twin
-        unit = state.plan.controlnet_unit
-        self.unit = unit
-        self.local = state.plan.component_of(unit) == state.comp
-        self.recv_keys = {(p, leaf) for p, leaf, _, dst in state.controlnet_transfers if dst == state.comp}
-        self.sends = sorted({leaf for p, leaf, src, _ in state.controlnet_transfers
-                             if self.local and not state.extra and src == state.comp})
+        units = state.controlnet_units
+        self.needed = any(state.plan.component_of(u) == state.comp for u in units) or \
+            any(p in units for p, _ in state.recv_keys)
         self._structures: dict[tuple, tuple] = {}
 
     def new_forward(self, module, *args, **kwargs):
-        st, p2p = self.state, self.state.controlnet_p2p
+        st = self.state
         sync, idle = self.controller.phase()
-        if idle:  # a stride-2 round's idle step: the denoiser call returns the round's result unread
-            return self._stand_in(args, kwargs, receive=False)
+        if idle or not self.needed:  # idle: a stride-2 round's second step, whose denoiser call returns unread
+            return self._zeros(args, kwargs)
         args, kwargs = self.controller.shifted(args, kwargs, sync)
-        if self.local:
-            out = self.fn_ref.original_forward(*args, **kwargs)
-            if self.sends:
-                p2p.wait()  # the previous step's sends are done with the buffers
-                leaves = pytree.tree_leaves(out)
-                for leaf in self.sends:
-                    p2p.stage((self.unit, leaf), leaves[leaf])
-                p2p.post(send=True, recv=False)
-            return out
-        out = self._stand_in(args, kwargs, receive=bool(self.recv_keys))
-        if self.recv_keys and sync:
-            p2p.post(send=False, recv=True)
-            p2p.wait()
-        st.controlnet_recv = bool(self.recv_keys) and not sync  # received after this step's denoiser call
+        st.mode = "discover" if sync else "static"
+        out = self.fn_ref.original_forward(*args, **kwargs)
+        if not sync:
+            st.controlnet_p2p.post(send=True, recv=False)
+            st.controlnet_recv = True
         return out
 
-    def _stand_in(self, args: tuple, kwargs: dict, receive: bool) -> Any:
-        """The ControlNet's output from receive buffers (the residuals this rank consumes) and zeros."""
-        key = _signature((args, kwargs))
-        if key not in self._structures:
-            with torch.no_grad():
-                out = self.twin(*_meta(args), **_meta(kwargs))
-            leaves, spec = pytree.tree_flatten(out)
-            self._structures[key] = (spec, [(tuple(x.shape), x.dtype) if _tensor(x) else x for x in leaves])
-        spec, metas = self._structures[key]
+    def _zeros(self, args: tuple, kwargs: dict) -> Any:
+        spec, metas = _structure(self.twin, self._structures, _signature((args, kwargs)), args, kwargs)
         device = next(x.device for x in pytree.tree_leaves((args, kwargs)) if _tensor(x))
-        leaves = []
-        for i, meta in enumerate(metas):
-            if not isinstance(meta, tuple):
-                leaves.append(meta)
-            elif receive and (self.unit, i) in self.recv_keys:
-                leaves.append(self.state.controlnet_p2p.receive_buffer((self.unit, i), *meta, device))
-            else:
-                leaves.append(self.state.placeholder(meta[0], meta[1], device))
+        leaves = [self.state.placeholder(*meta, device) if isinstance(meta, tuple) else meta for meta in metas]
         return pytree.tree_unflatten(leaves, spec)

@@ -310,43 +310,38 @@ def run_speed(args) -> dict:
     def save():
         write_results(result, args.out)
 
+    def attempt(label, measure, keep):
+        """Run one measurement, `keep` what it returns; a failure is recorded and the run goes on (partial results
+        are still results). The results file is rewritten either way."""
+        try:
+            entry = measure()
+            keep(entry)
+            print(json.dumps(entry), flush=True)
+        except Exception as err:  # noqa: BLE001
+            result["errors"].append(f"{label}: {type(err).__name__}: {str(err)[:300]}")
+            traceback.print_exc()
+        save()
+
     def stream_pass(engine, cfgs=configs, options_name="default"):
         for cfg in cfgs:
             label = f"{cfg[0]} / {engine} / {options_name}"
             if time.perf_counter() - t0 > args.budget_s:
                 result["skipped"].append(f"{label}: over the {args.budget_s:.0f} s budget")
                 continue
-            try:
-                row = bench_stream(models, cfg, engine, args, device, size, options_name)
-                result["rows"].append(row)
-                print(json.dumps(row), flush=True)
-            except Exception as err:  # noqa: BLE001 - record and go on: partial results are still results
-                result["errors"].append(f"{label}: {type(err).__name__}: {str(err)[:300]}")
-                traceback.print_exc()
-            save()
+            attempt(label, lambda: bench_stream(models, cfg, engine, args, device, size, options_name),
+                    result["rows"].append)
             gc.collect()  # a stream and its captured graph form a reference cycle
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
     def diffusers_pass():
         for batch in (1, 4):
-            try:
-                row = bench_diffusers(pipe, taesd, batch, args, device, size)
-                result["rows"].append(row)
-                print(json.dumps(row), flush=True)
-            except Exception as err:  # noqa: BLE001
-                result["errors"].append(f"diffusers b{batch}: {type(err).__name__}: {err}")
-                traceback.print_exc()
-            save()
+            attempt(f"diffusers b{batch}", lambda: bench_diffusers(pipe, taesd, batch, args, device, size),
+                    result["rows"].append)
 
     if device.type == "cuda" and not args.no_check:
-        try:
-            result["checks"] = check_graph(pipe, taesd, device, size)
-            print(json.dumps(result["checks"]), flush=True)
-        except Exception as err:  # noqa: BLE001
-            result["errors"].append(f"graph check: {type(err).__name__}: {err}")
-            traceback.print_exc()
-        save()
+        attempt("graph check", lambda: check_graph(pipe, taesd, device, size),
+                lambda checks: result.__setitem__("checks", checks))
     # cheap engines first, then the diffusers baseline, then compilation (slow to start) within the budget
     for engine in [e for e in engines if e != "compile"]:
         stream_pass(engine)
@@ -368,14 +363,8 @@ def run_speed(args) -> dict:
             if time.perf_counter() - t0 > args.budget_s + 60:
                 result["skipped"].append(f"profile {cfg[0]}: over the budget")
                 continue
-            try:
-                entry = profile_stream(models, cfg, engines[-1], args, device, size)
-                result["profile"].append(entry)
-                print(json.dumps(entry), flush=True)
-            except Exception as err:  # noqa: BLE001
-                result["errors"].append(f"profile {cfg[0]}: {type(err).__name__}: {str(err)[:300]}")
-                traceback.print_exc()
-            save()
+            attempt(f"profile {cfg[0]}", lambda: profile_stream(models, cfg, engines[-1], args, device, size),
+                    result["profile"].append)
     result["ratios"] = ratios(result["rows"])
     result["total_s"] = round(time.perf_counter() - t0, 1)
     save()

@@ -62,6 +62,14 @@ def _device():
     return torch.device("cpu")
 
 
+def _optimizer_step(opt, loss, params) -> None:
+    """One step of every stage: gradients of `loss`, clipped to norm 1 over `params`, applied by `opt`."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
 def _autocast(device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -241,10 +249,7 @@ def train_vae(args, device):
         mse = F.mse_loss(rec, x)
         kl = post.kl().mean() / (4 * 32 * 32)
         loss = l1 + mse + args.kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
+        _optimizer_step(opt, loss, vae.parameters())
         done += 1
         if step % 100 == 0:
             bar.set_postfix(l1=f"{l1.item():.4f}", kl=f"{kl.item():.2f}")
@@ -341,10 +346,7 @@ def train_decoder(args, device):
         err = (rec - x).abs().mean(1).flatten(1)
         hard = err.topk(max(1, err.shape[1] // 100), dim=1).values.mean()
         loss = err.mean() + F.mse_loss(rec, x) + args.decoder_hard_weight * hard
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        _optimizer_step(opt, loss, params)
         done += 1
         if step % 100 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}", hard=f"{hard.item():.3f}")
@@ -491,10 +493,7 @@ def train_unet(args, device):
         else:
             w = 1.0
         loss = (w * (pred.float() - v) ** 2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        _optimizer_step(opt, loss, params)
         done += 1
         ema_u.update(unet, step)
         ema_t.update(text, step)
@@ -592,10 +591,7 @@ def train_fast(args, device):
             v = student(xt, t, temb).sample.float()
         x0_pred = a.sqrt() * xt - (1 - a).sqrt() * v
         loss = F.mse_loss(x0_pred, tx0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
+        _optimizer_step(opt, loss, student.parameters())
         done += 1
         ema.update(student, step)
         if step % 200 == 0:
@@ -687,10 +683,7 @@ def train_controlnet(args, device):
             down, mid = cn(xt, t, emb, controlnet_cond=cond, return_dict=False)
             pred = unet(xt, t, emb, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
         loss = F.mse_loss(pred.float(), v)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(cn.parameters(), 1.0)
-        opt.step()
+        _optimizer_step(opt, loss, cn.parameters())
         done += 1
         ema.update(cn, step)
         if step % 50 == 0:

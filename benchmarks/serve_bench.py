@@ -11,7 +11,8 @@ Stages, each in its own process so the GPU is free for the next, all within `--b
    until /health answers 200 (compile and warm-up), then `serve_load.py`: `--solo` sequential requests from one
    client, then `--clients` concurrent clients sending `--requests` in all; then SIGTERM (a drain, exit 0);
 3. bare: the same pipeline call in a fresh process (loaded and compiled the same way, the inductor cache now warm,
-   `make_runner`'s call with the requests' arguments), `--bare-runs` timed calls; skipped when too little of the
+   `make_runner`'s call with the requests' arguments), `--bare-runs` timed calls of each kind, interleaved: PIL
+   images (a user's call) and uint8 arrays made on the device (the server's call); skipped when too little of the
    budget is left.
 Files in `--out`: serve_bench.json (everything, each request's timings too), serve_bench.md, server.log,
 stages.log (build and bare). The report gives throughput, latency p50/p90/p99, the overhead
@@ -119,20 +120,22 @@ def bare(args: argparse.Namespace) -> None:
     rt, pipe = prepare_pipeline(serve_args)
     pipe.set_progress_bar_config(disable=True)
     inputs, img2img = serving_pipelines(pipe)
-    runner = make_runner(pipe, embedded_model=False, img2img=img2img)
+    user = make_runner(pipe, embedded_model=False, img2img=img2img, pixels=False)  # PIL images, as a user calls it
+    served = make_runner(pipe, embedded_model=False, img2img=img2img)  # uint8 arrays made on the device, as served
     warm = warmup_requests([(args.size, args.size)], args.steps, None, inputs)[0]
-    runner(warm)
-    runner(warm)
+    for runner in (user, served, user):
+        runner(warm)
     ready = time.perf_counter() - start
-    seconds = []
-    for seed in range(args.bare_runs):  # what serve_load's solo client asks for
+    seconds, pixels_seconds = [], []
+    for seed in range(args.bare_runs):  # what serve_load's solo client asks for; the two calls interleaved
         params = {**warm, "prompt": PROMPT, "seed": seed}
-        if rt.device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        runner(params)  # returns PIL images: the GPU work is done
-        seconds.append(time.perf_counter() - t)
-    print(json.dumps({"ready_s": round(ready, 1), "seconds": seconds}))
+        for runner, times in ((user, seconds), (served, pixels_seconds)):
+            if rt.device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            runner(params)  # returns host images: the GPU work is done
+            times.append(time.perf_counter() - t)
+    print(json.dumps({"ready_s": round(ready, 1), "seconds": seconds, "pixels_seconds": pixels_seconds}))
 
 
 # -- the whole run ---------------------------------------------------------------------------------------------
@@ -268,6 +271,9 @@ def markdown(report: dict) -> str:
         lines.append(f"Against the bare call in its own process (p50 {_ms(o['bare_p50_s'])} ms of "
                      f"{len(report['bare']['seconds'])} runs): latency p50 - bare p50 = {o['bare_ratio'] * 100:.2f} "
                      "% of the bare call.")
+        if o.get("bare_pixels_p50_s") is not None:
+            lines.append(f"The server's call (uint8 made on the device) in the same bare process: p50 "
+                         f"{_ms(o['bare_pixels_p50_s'])} ms.")
     else:
         lines.append(f"Bare call not measured: {report['bare'].get('skipped')}.")
     lines.append(f"Target <= {TARGET * 100:g} % at p50: {'met' if o['met'] else 'NOT met'}.")
@@ -294,6 +300,7 @@ def run_all(args: argparse.Namespace, argv: list[str]) -> int:
     solo = served["load"]["solo"]
     bare_p50 = _p50(bare_result["seconds"])
     overhead = {"server_ratio": solo["overhead_p50_s"] / solo["generation_p50_s"], "bare_p50_s": bare_p50,
+                "bare_pixels_p50_s": _p50(bare_result.get("pixels_seconds", [])),
                 "bare_ratio": (solo["latency_p50_s"] - bare_p50) / bare_p50 if bare_p50 else None}
     overhead["met"] = all(r <= TARGET for r in (overhead["server_ratio"], overhead["bare_ratio"]) if r is not None)
     report = {"command": "python3 benchmarks/serve_bench.py " + " ".join(argv), "date": time.strftime("%Y-%m-%d %H:%M"),

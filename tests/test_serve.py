@@ -256,6 +256,17 @@ def test_the_parallel_png_encoder_is_lossless(shape, monkeypatch):
     assert np.array_equal(np.asarray(decoded).reshape(pixels.shape), pixels)
 
 
+def test_band_checksums_combine_into_the_checksum_of_the_whole():
+    import zlib
+
+    from paradiff.serve import png
+
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        a, b = rng.bytes(int(rng.integers(0, 5000))), rng.bytes(int(rng.integers(0, 70000)))
+        assert png._adler32_combine(zlib.adler32(a), zlib.adler32(b), len(b)) == zlib.adler32(a + b)
+
+
 def test_compile_without_a_parallel_method_compiles_the_denoiser_in_place():
     """`--compile --method none` (serve's one-rank baseline): the UNet itself is compiled (reduce-overhead), so the
     Img2Img pipeline made with from_pipe shares the compiled module."""
@@ -873,5 +884,6 @@ def test_serve_bench_runs_end_to_end_on_a_tiny_model(tmp_path):
     report = json.loads((out / "serve_bench.json").read_text())
     assert report["serve"]["server_exit"] == 0 and report["serve"]["stopped_cleanly"]
     assert report["serve"]["load"]["solo"]["ok"] == 2 and report["serve"]["load"]["load"]["ok"] == 2
-    assert len(report["bare"]["seconds"]) == 1 and report["overhead"]["bare_ratio"] is not None
+    assert len(report["bare"]["seconds"]) == len(report["bare"]["pixels_seconds"]) == 1
+    assert report["overhead"]["bare_ratio"] is not None and report["overhead"]["bare_pixels_p50_s"] > 0
     assert "Target <= 3 % at p50" in (out / "serve_bench.md").read_text()

@@ -185,16 +185,23 @@ def _can_encode(name: str) -> bool:
 
 
 def encode(images: list, output_format: str, quality: int) -> list:
-    """Encoded bytes of each PIL image (PNG lossless, deflated on several cores; JPEG/WebP at `quality`)."""
+    """Encoded bytes of each image (a uint8 array (H, W[, C]) or a PIL image): PNG lossless, deflated on several
+    cores; JPEG/WebP at `quality`."""
     import numpy as np
+    from PIL import Image
 
     from paradiff.serve.png import encode_png
 
     pil_format, _ = FORMATS[output_format]
     out = []
     for image in images:
-        if pil_format == "PNG" and image.mode in ("RGB", "RGBA", "L"):
-            out.append(encode_png(np.asarray(image)))
+        if isinstance(image, Image.Image):
+            pixels = np.asarray(image) if image.mode in ("RGB", "RGBA", "L") else None
+        else:
+            pixels = np.asarray(image, dtype=np.uint8)
+            image = Image.fromarray(pixels[:, :, 0] if pixels.ndim == 3 and pixels.shape[-1] == 1 else pixels)
+        if pil_format == "PNG" and pixels is not None:
+            out.append(encode_png(pixels))
             continue
         buf = io.BytesIO()
         kwargs = {} if pil_format == "PNG" else {"quality": quality}

@@ -1,10 +1,10 @@
 """PNG encoding on several cores, so that encoding the answer is a small part of a request's time.
 
-Pillow deflates a PNG on one core, which at 1024 px takes a few percent of a fast compiled generation. Here the rows are
-filtered with numpy (per row the PNG filter, of None, Sub and Up, whose bytes sum smallest in absolute value, the
-heuristic the PNG specification suggests), then bands of rows are deflated in parallel threads (zlib releases the
-GIL) and joined into one zlib stream, as pigz does: each band but the last ends on a sync flush, so the raw deflate
-streams concatenate; the Adler-32 of the whole is computed once. The output is an ordinary PNG.
+Pillow deflates a PNG on one core, which at 1024 px takes a few percent of a fast compiled generation. Here the image is
+cut into bands of rows, and each band is filtered with numpy (per row the PNG filter, of None, Sub and Up, whose bytes
+sum smallest in absolute value, the heuristic the PNG specification suggests) and deflated in its own thread (numpy
+and zlib release the GIL); the bands join into one zlib stream, as pigz does: each band but the last ends on a sync
+flush, so the raw deflate streams concatenate, and the bands' Adler-32 checksums combine into the stream's. The output is an ordinary PNG.
 """
 
 from __future__ import annotations
@@ -30,16 +30,20 @@ def _executor() -> ThreadPoolExecutor:
     return _pool
 
 
-def _filtered(pixels: np.ndarray) -> np.ndarray:
-    """(H, 1 + W*C) uint8: each row's filter type byte, then the row filtered by it (None, Sub or Up; Paeth and
-    Average need wider arithmetic, several times the time, for little gain on generated images)."""
+def _filtered(pixels: np.ndarray, above: np.ndarray | None) -> np.ndarray:
+    """(h, 1 + W*C) uint8: each row's filter type byte, then the row filtered by it (None, Sub or Up; Paeth and
+    Average need wider arithmetic, several times the time, for little gain on generated images). `above`: the row
+    before the first one (None for the image's first row), which Up reads."""
     h, w, c = pixels.shape
     x = pixels.reshape(h, w * c)
     sub = np.empty_like(x)
     sub[:, :c] = x[:, :c]
     np.subtract(x[:, c:], x[:, :-c], out=sub[:, c:])  # modulo 256, as PNG's filters are
     up = np.empty_like(x)
-    up[0] = x[0]
+    if above is None:
+        up[0] = x[0]
+    else:
+        np.subtract(x[0], above.reshape(w * c), out=up[0])
     np.subtract(x[1:], x[:-1], out=up[1:])
     candidates = (x, sub, up)
     # the size of each filtered byte as a signed number: min(v, 256 - v)
@@ -53,9 +57,25 @@ def _filtered(pixels: np.ndarray) -> np.ndarray:
     return out
 
 
-def _deflate(data: bytes, level: int, last: bool) -> bytes:
+def _band(pixels: np.ndarray, start: int, stop: int, level: int) -> tuple[bytes, int, int]:
+    """Rows [start, stop) filtered and deflated (ending on a sync flush unless they are the last), the Adler-32
+    of the filtered bytes and their length: a band's whole work, so bands run in parallel (numpy and zlib release
+    the GIL)."""
+    data = _filtered(pixels[start:stop], pixels[start - 1] if start else None).tobytes()
+    last = stop == pixels.shape[0]
     compressor = zlib.compressobj(level, zlib.DEFLATED, -15)
-    return compressor.compress(data) + compressor.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
+    deflated = compressor.compress(data) + compressor.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
+    return deflated, zlib.adler32(data), len(data)
+
+
+def _adler32_combine(a: int, b: int, length_b: int) -> int:
+    """The Adler-32 of two byte strings joined, from theirs and the second's length (zlib's adler32_combine)."""
+    base = 65521
+    a1, a2 = a & 0xFFFF, (a >> 16) & 0xFFFF
+    b1, b2 = b & 0xFFFF, (b >> 16) & 0xFFFF
+    s1 = (a1 + b1 - 1) % base
+    s2 = (a2 + b2 + (length_b % base) * (a1 - 1)) % base  # b's sums started from 1, not from a's
+    return (s2 << 16) | s1
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
@@ -69,18 +89,17 @@ def encode_png(pixels: np.ndarray, level: int = LEVEL) -> bytes:
     pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
     h, w, c = pixels.shape
     color_type = {1: 0, 3: 2, 4: 6}[c]
-    rows = _filtered(pixels)
-    bands = max(1, min(h, rows.nbytes // BAND_BYTES))
-    edges = np.linspace(0, h, bands + 1).astype(int)
-    parts = [rows[a:b].tobytes() for a, b in zip(edges[:-1], edges[1:])]
-    if len(parts) == 1:
-        deflated = [_deflate(parts[0], level, True)]
+    bands = max(1, min(h, pixels.nbytes // BAND_BYTES))
+    edges = np.linspace(0, h, bands + 1).astype(int).tolist()
+    spans = list(zip(edges[:-1], edges[1:]))
+    if len(spans) == 1:
+        parts = [_band(pixels, 0, h, level)]
     else:
-        deflated = list(_executor().map(_deflate, parts, [level] * len(parts),
-                                        [i == len(parts) - 1 for i in range(len(parts))]))
-    adler = 1
-    for part in parts:
-        adler = zlib.adler32(part, adler)
+        parts = list(_executor().map(lambda span: _band(pixels, *span, level), spans))
+    adler = parts[0][1]
+    for _, part_adler, length in parts[1:]:
+        adler = _adler32_combine(adler, part_adler, length)
+    deflated = [part for part, _, _ in parts]
     stream = b"\x78\x9c" + b"".join(deflated) + struct.pack(">I", adler & 0xFFFFFFFF)
     header = struct.pack(">IIBBBBB", w, h, 8, color_type, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", stream) + _chunk(b"IEND", b"")

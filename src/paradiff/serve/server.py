@@ -60,9 +60,23 @@ def serving_pipelines(pipe):
     return inputs, img2img
 
 
-def make_runner(pipe, embedded_model: bool, img2img=None):
+def to_pixels(images) -> list:
+    """(H, W, C) uint8 arrays from a pipeline's `output_type="pt"` images ((B, C, H, W) in [0, 1], on its device).
+    The same arithmetic as diffusers' PIL output (x 255, round half to even, in float32), done where the images are:
+    on a GPU that saves the CPU's float pass over every pixel, and copies a quarter of the bytes."""
+    import torch
+
+    if not isinstance(images, torch.Tensor):
+        return list(images)
+    pixels = (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+    return list(pixels.cpu().numpy())
+
+
+def make_runner(pipe, embedded_model: bool, img2img=None, pixels: bool = True):
     """One request's pipeline call on this rank, built the way `paradiff generate` builds its call. A request with
-    an image and no mask on a model that is not an inpainting one runs `img2img` (its output is the image's size)."""
+    an image and no mask on a model that is not an inpainting one runs `img2img` (its output is the image's size).
+    `pixels`: return uint8 arrays made on the pipeline's device (`to_pixels`), else PIL images as a user's call
+    does."""
     from paradiff.commands.generate import generators, pipeline_kwargs
     from paradiff.serve.inputs import picture
 
@@ -87,7 +101,10 @@ def make_runner(pipe, embedded_model: bool, img2img=None):
         for name in ("strength", "controlnet_conditioning_scale"):
             if params.get(name) is not None:
                 kwargs[name] = params[name]
-        return call(params["prompt"], generator=generators(params["seed"], n), **kwargs).images
+        if pixels:
+            kwargs["output_type"] = "pt"
+        images = call(params["prompt"], generator=generators(params["seed"], n), **kwargs).images
+        return to_pixels(images) if pixels else images
 
     return run
 

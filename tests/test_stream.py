@@ -270,6 +270,13 @@ def test_engine_options_keep_the_frames(lcm_pipe):
     fast.prepare("a circle", seed=1)
     for fr, w in zip(frames, want):
         assert _max_diff(fast(fr[0]), w) <= 1
+    # compiled kernels assert the weights' strides: channels-last modules must not reuse contiguous ones' code
+    from paradiff.stream import engine
+
+    assert engine.weight_layout([pipe.unet]) != engine.weight_layout([lcm_pipe.unet])
+    per_module = [StreamPipeline(p, [30, 45], compile={"backend": "eager"}) for p in (lcm_pipe, pipe)]
+    assert per_module[0]._unet_fn is not per_module[1]._unet_fn
+    assert StreamPipeline(lcm_pipe, [30], compile={"backend": "eager"})._unet_fn is per_module[0]._unet_fn
     with pytest.raises(UserError, match="attention must be one of"):
         StreamPipeline(lcm_pipe, [30], attention="fast")
     with pytest.raises(UserError, match="compile_scope must be one of"):

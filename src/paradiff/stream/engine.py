@@ -46,6 +46,19 @@ def to_channels_last(modules: list[Any]) -> None:
         module.to(memory_format=torch.channels_last)
 
 
+def weight_layout(modules: list[Any]) -> tuple:
+    """Per module: whether its first 4-D weight is channels-last, and the type of its first 2-D weight (float8
+    swaps it for a tensor subclass): what compiled kernels assume of the weights and do not check again."""
+    def facts(module):
+        convs = (p for p in module.parameters() if p.dim() == 4)
+        linears = (p for p in module.parameters() if p.dim() == 2)
+        conv, linear = next(convs, None), next(linears, None)
+        nhwc = conv is not None and not conv.is_contiguous() and conv.is_contiguous(memory_format=torch.channels_last)
+        return nhwc, type(linear).__name__ if linear is not None else None
+
+    return tuple(facts(module) for module in modules)
+
+
 def float8_linears(unet: Any) -> None:
     """torchao float8 (dynamic activations, float8 weights) for the UNet's linear layers, in place."""
     try:

@@ -4,7 +4,8 @@ Pillow deflates a PNG on one core, which at 1024 px takes a few percent of a fas
 cut into bands of rows, and each band is filtered with numpy (per row the PNG filter, of None, Sub and Up, whose bytes
 sum smallest in absolute value, the heuristic the PNG specification suggests) and deflated in its own thread (numpy
 and zlib release the GIL); the bands join into one zlib stream, as pigz does: each band but the last ends on a sync
-flush, so the raw deflate streams concatenate, and the bands' Adler-32 checksums combine into the stream's. The output is an ordinary PNG.
+flush, so the raw deflate streams concatenate, and the bands' Adler-32 checksums combine into the stream's. The
+output is an ordinary PNG.
 """
 
 from __future__ import annotations

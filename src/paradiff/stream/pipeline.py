@@ -62,14 +62,14 @@ def _decode_latents(vae, latents):
 _COMPILED: dict = {}
 
 
-def _compiled(fn, execution: Execution, layout: tuple = ()):
-    """One torch.compile'd wrapper per function, compile setting and weight layout for the whole process, so
+def _compiled(fn, execution: Execution, assumed: tuple = ()):
+    """One torch.compile'd wrapper per function, compile setting and `assumed` facts for the whole process, so
     streams built on the same modules (a prompt/size change, a benchmark's configurations) reuse compiled graphs;
-    shapes are static (one graph per batch size) because the step is replayed from a CUDA graph anyway. The layout
-    (`engine.weight_layout`) is in the key because inductor's kernels assert their weights' strides rather than
-    guard on them: modules turned channels-last or float8 need their own compiled code (a stream built before the
-    conversion cannot run after it)."""
-    key = (fn, repr(execution.compile), layout)
+    shapes are static (one graph per batch size) because the step is replayed from a CUDA graph anyway. The
+    weight layout (`engine.weight_layout`) and the attention backend are in the key because inductor's kernels
+    assert their weights' strides rather than guard on them: modules turned channels-last or float8 need their own
+    compiled code (a stream built before the conversion cannot run after it)."""
+    key = (fn, repr(execution.compile), assumed)
     if key not in _COMPILED:
         _COMPILED[key] = execution.compiled(fn)
     return _COMPILED[key]
@@ -188,16 +188,19 @@ class StreamPipeline:
         engine.check(attention, compile_scope)  # speed options: stream/engine.py
         if float8:
             engine.float8_linears(unet)
+        weighted = [unet, self.vae] + (self.control.nets if self.control is not None else [])
         if channels_last:
-            engine.to_channels_last([unet, self.vae] + (self.control.nets if self.control is not None else []))
+            engine.to_channels_last(weighted)
         self._attention = engine.attention_context(attention)
         execution = Execution(compile, cuda_graph, graph_warmup=2)
         per_module = bool(compile) and compile_scope == "modules"
-        layout = engine.weight_layout([unet, self.vae] + (self.control.nets if self.control is not None else []))
-        self._unet_fn = _compiled(_unet_eps, execution, layout) if per_module else _unet_eps
-        self._control_fn = _compiled(_controlnet_residuals, execution, layout) if per_module else _controlnet_residuals
-        self._encode_fn = _compiled(_encode_latents, execution, layout) if per_module else _encode_latents
-        self._decode_fn = _compiled(_decode_latents, execution, layout) if per_module else _decode_latents
+        # each attention backend gets its own compiled code too: a backend context around an already traced graph
+        # is not something to rely on
+        assumed = (engine.weight_layout(weighted), attention)
+        self._unet_fn = _compiled(_unet_eps, execution, assumed) if per_module else _unet_eps
+        self._control_fn = _compiled(_controlnet_residuals, execution, assumed) if per_module else _controlnet_residuals
+        self._encode_fn = _compiled(_encode_latents, execution, assumed) if per_module else _encode_latents
+        self._decode_fn = _compiled(_decode_latents, execution, assumed) if per_module else _decode_latents
         s = self.schedule
         self._a, self._b = _rows(s.alpha, f), _rows(s.beta, f)
         self._cskip, self._cout = _rows(s.c_skip, f), _rows(s.c_out, f)

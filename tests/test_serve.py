@@ -238,15 +238,19 @@ def test_the_default_body_limit_fits_the_images_of_the_largest_size():
     assert len(body) + len(mask) < body_limit(sizes, inpaint) < body_limit(sizes, img2img) + 1.1 * len(mask)
 
 
+@pytest.mark.parametrize("backend", ["isal", "zlib"])
 @pytest.mark.parametrize("shape", [(1, 1, 3), (17, 33, 3), (64, 48, 1), (40, 40, 4), (96, 64, 3)])
-def test_the_parallel_png_encoder_is_lossless(shape, monkeypatch):
+def test_the_parallel_png_encoder_is_lossless(shape, backend, monkeypatch):
     """Bands deflated apart and joined (several bands: a small band size) decode to the same pixels, noise and
-    smooth rows alike (every filter type gets chosen)."""
+    smooth rows alike (every filter type gets chosen), with ISA-L's deflate and with zlib's."""
+    import zlib
+
     from PIL import Image
 
     from paradiff.serve import png
 
     monkeypatch.setattr(png, "BAND_BYTES", 1000)
+    monkeypatch.setattr(png, "deflate", pytest.importorskip("isal.isal_zlib") if backend == "isal" else zlib)
     rng = np.random.default_rng(shape[0])
     smooth = np.cumsum(rng.integers(0, 3, shape), axis=1).astype(np.uint8)
     pixels = np.concatenate([rng.integers(0, 256, shape, dtype=np.uint8), smooth, smooth.transpose(1, 0, 2)[
@@ -887,3 +891,18 @@ def test_serve_bench_runs_end_to_end_on_a_tiny_model(tmp_path):
     assert len(report["bare"]["seconds"]) == len(report["bare"]["pixels_seconds"]) == 1
     assert report["overhead"]["bare_ratio"] is not None and report["overhead"]["bare_pixels_p50_s"] > 0
     assert "Target <= 3 % at p50" in (out / "serve_bench.md").read_text()
+
+
+def test_to_pixels_gives_diffusers_pixels_as_contiguous_rows():
+    """The server's uint8 images equal diffusers' own PIL conversion, and are C-contiguous (H, W, C): the PNG
+    encoder reads rows of interleaved channels, so a planar array would cost it a copy."""
+    import torch
+    from diffusers.image_processor import VaeImageProcessor
+
+    from paradiff.serve.server import to_pixels
+
+    images = torch.rand(2, 3, 8, 6)
+    pixels = to_pixels(images)
+    expected = [np.asarray(p) for p in VaeImageProcessor().postprocess(images * 2 - 1, output_type="pil")]
+    assert all(p.flags.c_contiguous and p.shape == (8, 6, 3) for p in pixels)
+    assert all(np.array_equal(p, e) for p, e in zip(pixels, expected))

@@ -63,12 +63,14 @@ def serving_pipelines(pipe):
 def to_pixels(images) -> list:
     """(H, W, C) uint8 arrays from a pipeline's `output_type="pt"` images ((B, C, H, W) in [0, 1], on its device).
     The same arithmetic as diffusers' PIL output (x 255, round half to even, in float32), done where the images are:
-    on a GPU that saves the CPU's float pass over every pixel, and copies a quarter of the bytes."""
+    on a GPU that saves the CPU's float pass over every pixel, and copies a quarter of the bytes. Made contiguous
+    there too: the encoder reads rows of interleaved channels, and a channel-planar array costs it a transposing
+    copy on the CPU."""
     import torch
 
     if not isinstance(images, torch.Tensor):
         return list(images)
-    pixels = (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+    pixels = (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
     return list(pixels.cpu().numpy())
 
 

@@ -283,3 +283,37 @@ def test_engine_options_keep_the_frames(lcm_pipe):
         StreamPipeline(lcm_pipe, [30], compile_scope="all")
     with pytest.raises(UserError, match="float8=True needs"):
         StreamPipeline(pipe, [30], float8=True)
+
+
+def test_modules_converted_in_place_get_code_compiled_for_their_new_layout():
+    """dynamo can skip parameter guards while a module's parameter dict is unchanged (torch 2.11 on the H200 did;
+    2.13 here does not), and channels-last converts the weights in place: a stream built after the conversion
+    must compile code of its own, not replay kernels that assert the old strides. Each layout gets its own code
+    object, so no guard is relied on; a counting backend sees each compilation."""
+    from paradiff.execution import Execution
+    from paradiff.stream import engine
+    from paradiff.stream.pipeline import _compiled
+
+    compiled = []
+
+    def backend(graph, example_inputs):
+        compiled.append([tuple(x.stride()) for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() == 4])
+        return graph.forward
+
+    def apply(module, x):
+        return module(x) + 1
+
+    module = torch.nn.Conv2d(3, 4, 3)
+    execution = Execution({"backend": backend})
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        before = _compiled(apply, execution, engine.weight_layout([module]))
+        want = before(module, x)
+        assert _compiled(apply, execution, engine.weight_layout([module])) is before  # the same layout: reused
+        module.to(memory_format=torch.channels_last)
+        after = _compiled(apply, execution, engine.weight_layout([module]))
+        got = after(module, x)
+    assert after is not before and len(compiled) == 2
+    assert after._torchdynamo_orig_callable.__code__ is not before._torchdynamo_orig_callable.__code__
+    assert compiled[0] != compiled[1]  # the second graph saw the channels-last weight
+    assert torch.allclose(got, want, atol=1e-6)

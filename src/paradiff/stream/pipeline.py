@@ -21,6 +21,7 @@ are prepared outside the step like everything else, so they add no host work and
 
 from __future__ import annotations
 
+import types
 from typing import Any, Sequence
 
 import torch
@@ -66,13 +67,24 @@ def _compiled(fn, execution: Execution, assumed: tuple = ()):
     """One torch.compile'd wrapper per function, compile setting and `assumed` facts for the whole process, so
     streams built on the same modules (a prompt/size change, a benchmark's configurations) reuse compiled graphs;
     shapes are static (one graph per batch size) because the step is replayed from a CUDA graph anyway. The
-    weight layout (`engine.weight_layout`) and the attention backend are in the key because inductor's kernels
-    assert their weights' strides rather than guard on them: modules turned channels-last or float8 need their own
-    compiled code (a stream built before the conversion cannot run after it)."""
+    weight layout (`engine.weight_layout`) and the attention backend are in the key, and each key compiles its own
+    copy of `fn`'s code: dynamo keeps compiled code per code object and skips the parameters' guards while a
+    module's parameter dict is unchanged, which channels-last and float8 conversions (in place) leave it, so a
+    second wrapper around the same code would run kernels that assert the old strides. A stream built before such
+    a conversion cannot run after it."""
     key = (fn, repr(execution.compile), assumed)
     if key not in _COMPILED:
-        _COMPILED[key] = execution.compiled(fn)
+        first = not any(k[0] is fn for k in _COMPILED)
+        _COMPILED[key] = execution.compiled(fn if first else _own_code(fn, len(_COMPILED)))
     return _COMPILED[key]
+
+
+def _own_code(fn, tag: int):
+    """`fn` with a code object of its own (same body, globals and closure), so dynamo compiles it afresh."""
+    code = fn.__code__.replace(co_name=f"{fn.__code__.co_name}_{tag}")
+    copy = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__, copy.__qualname__ = fn.__kwdefaults__, f"{fn.__qualname__}_{tag}"
+    return copy
 
 
 def _vae_scale(vae, pipe) -> int:

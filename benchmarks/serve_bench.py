@@ -219,7 +219,7 @@ def versions() -> dict:
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
-    for name in ("torch", "diffusers", "transformers", "fastapi", "starlette", "uvicorn", "pydantic", "pillow"):
+    for name in ("torch", "diffusers", "transformers", "fastapi", "starlette", "uvicorn", "pydantic", "pillow", "isal"):
         try:
             out[name] = md.version(name)
         except md.PackageNotFoundError:

@@ -221,6 +221,12 @@ def profile_stream(models, cfg, engine, args, device, size) -> dict:
                 return _fn(*a, **k)
 
         setattr(stream, attr, ranged)
+    if stream.control is not None:  # the control maps' preprocessor (Canny) on its own line
+        def ranged_pre(x, _fn):
+            with record_function("stream.preprocess"):
+                return _fn(x)
+
+        stream.control.preprocessors = [p and (lambda x, _p=p: ranged_pre(x, _p)) for p in stream.control.preprocessors]
     fbs = cfg[3]
     frames = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (fbs, size, size, 3), dtype=np.uint8)).to(device)
     call = (lambda: stream.txt2img()) if cfg[1] == "txt2img" else (lambda: stream(frames))

@@ -44,5 +44,5 @@ def test_stream_bench_models_options_and_profile_tiny(tmp_path):
     profiles = {entry["config"]: entry for entry in result["profile"]}
     assert set(profiles) == {"img2img-1step-b1", "sdxl-img2img-1step-b1", "controlnet-img2img-1step-b1"}
     cn = profiles["controlnet-img2img-1step-b1"]["ms_by_component"]
-    assert {"encode", "controlnet", "unet", "decode", "other"} <= set(cn) and cn["unet"] > 0
+    assert {"encode", "controlnet", "preprocess", "unet", "decode", "other"} <= set(cn) and cn["unet"] > 0
     assert "| component |" in (tmp_path / "stream-bench.md").read_text()

@@ -196,3 +196,25 @@ def test_controlnet_bad_inputs(sd32):
         StreamPipeline(sd32, [30], controlnet=net, control_preprocessor="depth")
     with pytest.raises(UserError, match="trained for another model family"):
         StreamPipeline(sd32, [30], controlnet=tiny_controlnet(tiny_pipeline(family="sdxl").unet))
+
+
+
+def test_a_compiled_stream_runs_its_preprocessor_compiled_with_the_same_maps(sd32):
+    """With compile on, the Canny preprocessor runs under torch.compile too (eager, it is a few dozen
+    full-resolution float32 kernels in the step's graph), one function per setting so streams share its code;
+    the frames equal the uncompiled stream's."""
+    from paradiff import StreamPipeline
+    from paradiff.stream import control
+
+    assert control.canny() is control.canny() and control.canny(0.2, 0.5) is not control.canny()
+    frames = _frames(2, 1, seed=4)
+    net = _net(sd32)
+    out = []
+    for compile in (False, {"backend": "eager"}):
+        stream = StreamPipeline(sd32, [30, 45], controlnet=net, control_preprocessor="canny", warm_start=False,
+                                compile=compile)
+        stream.prepare("a star", seed=1)
+        out.append([stream(torch.from_numpy(fr)).clone() for fr in frames])
+    pre = stream.control.preprocessors[0]
+    assert getattr(pre, "_torchdynamo_orig_callable", None) is control.canny()
+    assert all(_max_diff(a.numpy(), b.numpy()) <= 1 for a, b in zip(*out))

@@ -14,6 +14,7 @@ fixed round of hysteresis, a kornia dilation).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import torch
@@ -32,6 +33,7 @@ def _kornia():
     return kornia
 
 
+@functools.lru_cache(maxsize=None)  # one function per setting: streams share its compiled code
 def canny(low_threshold: float = 0.4, high_threshold: float = 0.8) -> Callable[[torch.Tensor], torch.Tensor]:
     """Canny edges (white on black, 3 channels) of (B, 3, H, W) images in [0, 1]. The thresholds are in kornia's
     unnormalised-Sobel units, where OpenCV's usual 100/200 on 0..255 images is about 0.4/0.8."""
@@ -49,6 +51,7 @@ def canny(low_threshold: float = 0.4, high_threshold: float = 0.8) -> Callable[[
     return edges
 
 
+@functools.lru_cache(maxsize=None)
 def sobel() -> Callable[[torch.Tensor], torch.Tensor]:
     """Soft edges: kornia's normalised Sobel magnitude of the grey image, scaled to [0, 1] per image."""
     kornia = _kornia()
@@ -102,6 +105,11 @@ class Control:
         self.preprocessors = [make_preprocessor(s) for s in specs]
         self.scale = torch.ones(len(nets), device=device, dtype=dtype)
         self.set_scale(scale)
+
+    def compile_preprocessors(self, compiled: Callable[[Callable], Callable]) -> None:
+        """Run the preprocessors compiled (`compiled(fn)`): eager, Canny is a few dozen full-resolution float32
+        kernels inside the step's CUDA graph; compiled, its pointwise work fuses."""
+        self.preprocessors = [compiled(p) if p is not None else None for p in self.preprocessors]
 
     def __len__(self) -> int:
         return len(self.nets)

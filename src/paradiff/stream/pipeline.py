@@ -213,6 +213,8 @@ class StreamPipeline:
         self._control_fn = _compiled(_controlnet_residuals, execution, assumed) if per_module else _controlnet_residuals
         self._encode_fn = _compiled(_encode_latents, execution, assumed) if per_module else _encode_latents
         self._decode_fn = _compiled(_decode_latents, execution, assumed) if per_module else _decode_latents
+        if per_module and self.control is not None:
+            self.control.compile_preprocessors(lambda fn: _compiled(fn, execution, assumed))
         s = self.schedule
         self._a, self._b = _rows(s.alpha, f), _rows(s.beta, f)
         self._cskip, self._cout = _rows(s.c_skip, f), _rows(s.c_out, f)

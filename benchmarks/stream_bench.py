@@ -60,6 +60,12 @@ SUITE = {
 }
 
 
+# inductor flags diffusers' torch.compile guide sets for UNets (1x1 convolutions as matmuls, coordinate-descent
+# tuning of the generated kernels' launch parameters): longer compiles, not max-autotune
+TUNED_INDUCTOR = {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True, "epilogue_fusion": False,
+                  "coordinate_descent_check_all_directions": True}
+
+
 def parse_options(text: str) -> dict:
     """'channels_last+attention=cudnn+float8+step' -> StreamPipeline keyword arguments ('default': none)."""
     kwargs: dict = {}
@@ -69,12 +75,17 @@ def parse_options(text: str) -> dict:
             kwargs["channels_last"] = True
         elif key == "float8":
             kwargs["float8"] = True
+        elif key == "fuse_qkv":
+            kwargs["fuse_qkv"] = True
+        elif key == "inductor" and value == "tuned":
+            kwargs["compile"] = {"options": dict(TUNED_INDUCTOR)}
         elif key == "step":
             kwargs["compile_scope"] = "step"
         elif key == "attention" and value:
             kwargs["attention"] = value
         else:
-            raise SystemExit(f"unknown engine option {part!r} (channels_last, attention=NAME, float8, step)")
+            raise SystemExit(f"unknown engine option {part!r} (channels_last, attention=NAME, float8, fuse_qkv, "
+                             "inductor=tuned, step)")
     return kwargs
 
 
@@ -143,6 +154,18 @@ class Models:
                 self.cache[model] = _build(self.args, self.device, self.dtype, model)
         return self.cache[model]
 
+    def restore(self, options: dict) -> None:
+        """Undo what earlier option sets did in place (channels-last, fused projections) that `options` does not
+        ask for, so each set measures its own options; float8 cannot be undone (those sets run last)."""
+        from paradiff.stream import engine
+
+        modules = {id(m): m for built in self.cache.values() for m in built if m is not None and hasattr(m, "to")}
+        for module in [m for m in modules.values() if isinstance(m, torch.nn.Module)]:
+            if not options.get("channels_last"):
+                module.to(memory_format=torch.contiguous_format)
+            if not options.get("fuse_qkv") and engine.is_fused(module):
+                module.unfuse_qkv_projections()
+
 
 def _time_calls(fn, device, iters: int, warmup: int) -> float:
     """Seconds per call over `iters` back-to-back calls (one sync at the end)."""
@@ -172,11 +195,14 @@ def make_stream(models, cfg, engine, device, size, options=None, graph=True):
 
     name, kind, t_index, fbs, guidance = cfg[:5]
     pipe, taesd, net = models.get(cfg[5] if len(cfg) > 5 else "base")
+    models.restore(options or {})
     use_graph = graph and device.type == "cuda" and engine in ("graph", "compile")
     control = dict(controlnet=net, control_preprocessor="canny") if net is not None else {}
+    kwargs = {"compile": engine == "compile", **control, **(options or {})}
+    if engine != "compile":
+        kwargs["compile"] = False  # inductor=tuned only tunes a compiled engine
     stream = StreamPipeline(pipe, t_index, guidance=guidance, frame_buffer_size=fbs, tiny_vae=taesd,
-                            height=size, width=size, cuda_graph=use_graph, compile=engine == "compile",
-                            **control, **(options or {}))
+                            height=size, width=size, cuda_graph=use_graph, **kwargs)
     stream.prepare("a watercolor painting of a cat", guidance_scale=1.2)
     return stream
 
@@ -356,10 +382,10 @@ def run_speed(args) -> dict:
     if "compile" in engines:
         stream_pass("compile")
     option_cfgs = [c for c in CONFIGS if c[0] in (args.option_configs or "img2img-1step-b4").split(",")]
-    # channels_last and float8 change the shared modules in place (float8 for good): they run last, in that order,
-    # so the other sets measure the modules as built (StreamPipeline compiles anew for a changed weight layout)
+    # channels_last, fuse_qkv and float8 change the shared modules in place (Models.restore undoes the first two
+    # before each set; float8 is for good, so its sets run last; StreamPipeline compiles anew for a changed layout)
     for options_name in sorted([o for o in (args.options or "").split(",") if o and o != "default"],
-                               key=lambda o: ("float8" in o, "channels_last" in o)):
+                               key=lambda o: "float8" in o):
         stream_pass(engines[-1], option_cfgs, options_name)
     if args.profile:
         result["profile"] = []
@@ -490,7 +516,8 @@ def main(argv=None) -> int:
     p.add_argument("--arch", default="sd-turbo")
     p.add_argument("--sdxl-arch", default="sdxl-turbo", help="the model of the sdxl-* configs (+ TAESDXL)")
     p.add_argument("--options", default=None, help="engine option sets, comma-separated, each '+'-joined: default, "
-                                                    "channels_last, attention=flash|efficient|cudnn|math, float8, step")
+                                                    "channels_last, attention=flash|efficient|cudnn|math, float8, "
+                                                    "fuse_qkv, inductor=tuned, step")
     p.add_argument("--option-configs", default=None, help="configs the option sets run on (default img2img-1step-b4)")
     p.add_argument("--profile", action="store_true", help="kernel time per component (torch.profiler)")
     p.add_argument("--suite", choices=sorted(SUITE), default=None, help="a preset of configs, engines and options")

@@ -285,6 +285,35 @@ def test_engine_options_keep_the_frames(lcm_pipe):
         StreamPipeline(pipe, [30], float8=True)
 
 
+def test_fused_qkv_projections_keep_the_frames_and_refuse_unfused_loras(lcm_pipe):
+    """fuse_qkv=True (diffusers' fused projections, one GEMM per attention input) gives the same frames, gets its
+    own compiled code, and refuses projections that carry LoRA adapters, which fusing would silently drop."""
+    import copy
+
+    from paradiff import StreamPipeline
+    from paradiff.stream import engine
+
+    frames = _frames(3, 1, seed=3)
+    plain = StreamPipeline(lcm_pipe, [30, 45], guidance="self")
+    plain.prepare("a square", seed=4)
+    want = [plain(fr[0]) for fr in frames]
+    pipe = copy.deepcopy(lcm_pipe)
+    fused = StreamPipeline(pipe, [30, 45], guidance="self", fuse_qkv=True)
+    assert engine.is_fused(pipe.unet) and not engine.is_fused(lcm_pipe.unet)
+    assert type(next(iter(pipe.unet.attn_processors.values()))).__name__ == "FusedAttnProcessor2_0"
+    fused.prepare("a square", seed=4)
+    for fr, w in zip(frames, want):
+        assert _max_diff(fused(fr[0]), w) <= 1
+    assert engine.weight_layout([pipe.unet]) != engine.weight_layout([lcm_pipe.unet])
+    StreamPipeline(pipe, [30], fuse_qkv=True)  # already fused: left as it is
+    from peft import LoraConfig
+
+    lora = copy.deepcopy(lcm_pipe)
+    lora.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v"]))
+    with pytest.raises(UserError, match="fuse_qkv=True cannot fuse projections that carry LoRA"):
+        StreamPipeline(lora, [30], fuse_qkv=True)
+
+
 def test_modules_converted_in_place_get_code_compiled_for_their_new_layout():
     """dynamo can skip parameter guards while a module's parameter dict is unchanged (torch 2.11 on the H200 did;
     2.13 here does not), and channels-last converts the weights in place: a stream built after the conversion

@@ -4,6 +4,9 @@
   cores); numerics unchanged up to kernel choice.
 - `attention`: one scaled-dot-product-attention backend for the step ("flash", "efficient", "cudnn", "math"),
   through `torch.nn.attention.sdpa_kernel`; None lets PyTorch choose.
+- `fuse_qkv`: each attention's query/key/value projections as one matmul (diffusers' `fuse_qkv_projections`, on
+  the UNet and ControlNets): one larger GEMM instead of three; numerics unchanged up to kernel choice. Not with an
+  unfused LoRA (its adapters sit on the separate projections).
 - `float8`: the UNet's linear layers as float8 (torchao's dynamic-activation float8 weights): changes numerics,
   needs a GPU with float8 (H100/H200) and torchao.
 - `compile_scope`: "modules" compiles the UNet/ControlNet/VAE calls; "step" compiles the whole step, so the uint8
@@ -46,15 +49,31 @@ def to_channels_last(modules: list[Any]) -> None:
         module.to(memory_format=torch.channels_last)
 
 
+def fuse_projections(modules: list[Any], lora_layers: list) -> None:
+    """diffusers' fused QKV projections on each module that has them, in place."""
+    if lora_layers:
+        raise UserError("fuse_qkv=True cannot fuse projections that carry LoRA adapters (the adapters sit on the "
+                        "separate query/key/value layers): fuse the LoRA first (pipe.fuse_lora(); "
+                        "pipe.unload_lora_weights()) or leave fuse_qkv off.")
+    for module in modules:
+        if hasattr(module, "fuse_qkv_projections") and not is_fused(module):
+            module.fuse_qkv_projections()
+
+
+def is_fused(module: Any) -> bool:
+    return any(getattr(m, "fused_projections", False) for m in module.modules())
+
+
 def weight_layout(modules: list[Any]) -> tuple:
-    """Per module: whether its first 4-D weight is channels-last, and the type of its first 2-D weight (float8
-    swaps it for a tensor subclass): what compiled kernels assume of the weights and do not check again."""
+    """Per module: whether its first 4-D weight is channels-last, the type of its first 2-D weight (float8
+    swaps it for a tensor subclass) and whether its projections are fused: what compiled kernels assume of the
+    weights and do not check again."""
     def facts(module):
         convs = (p for p in module.parameters() if p.dim() == 4)
         linears = (p for p in module.parameters() if p.dim() == 2)
         conv, linear = next(convs, None), next(linears, None)
         nhwc = conv is not None and not conv.is_contiguous() and conv.is_contiguous(memory_format=torch.channels_last)
-        return nhwc, type(linear).__name__ if linear is not None else None
+        return nhwc, type(linear).__name__ if linear is not None else None, is_fused(module)
 
     return tuple(facts(module) for module in modules)
 

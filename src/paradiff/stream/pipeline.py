@@ -136,6 +136,7 @@ class StreamPipeline:
         channels_last: bool = False,
         attention: str | None = None,
         float8: bool = False,
+        fuse_qkv: bool = False,
         compile_scope: str = "modules",
     ):
         for part in ("unet", "vae", "scheduler", "encode_prompt"):
@@ -198,9 +199,11 @@ class StreamPipeline:
         if self._lora_layers and not lora_mod.is_fused(self._lora_layers):
             lora_mod.scalings_to_tensors(self._lora_layers)  # live scales: no recompile, no re-capture
         engine.check(attention, compile_scope)  # speed options: stream/engine.py
+        weighted = [unet, self.vae] + (self.control.nets if self.control is not None else [])
+        if fuse_qkv:  # before float8: fusing concatenates plain weights
+            engine.fuse_projections(weighted, self._lora_layers)
         if float8:
             engine.float8_linears(unet)
-        weighted = [unet, self.vae] + (self.control.nets if self.control is not None else [])
         if channels_last:
             engine.to_channels_last(weighted)
         self._attention = engine.attention_context(attention)

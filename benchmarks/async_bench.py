@@ -258,6 +258,7 @@ def run_emulated(args) -> int:
     for arch, size, label in archs:
         sched = scheduler()
         marks: list = []
+        left = leftover_gb(device)  # before the build: the model's own weights count in its peak
         unet = build(arch, dtype, device)
         latent, kwargs = call_inputs(unet, size, dtype, device)
         explain = explain_split(unet, n)
@@ -271,7 +272,7 @@ def run_emulated(args) -> int:
             return out
 
         base_name = f"whole model {'compiled (reduce-overhead)' if compile_backend else 'eager'}"
-        left = leftover_gb(device)  # 0 unless an earlier model's memory is still held
+        reset_memory(device)
         with torch.no_grad():
             times, _ = timed(lambda: denoise(serial, sched, latent, kwargs, steps), args.repeats, device)
             base_ms = forward_ms(lambda: denoise(serial, sched, latent, kwargs, steps), marks, device)

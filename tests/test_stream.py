@@ -306,6 +306,9 @@ def test_fused_qkv_projections_keep_the_frames_and_refuse_unfused_loras(lcm_pipe
         assert _max_diff(fused(fr[0]), w) <= 1
     assert engine.weight_layout([pipe.unet]) != engine.weight_layout([lcm_pipe.unet])
     StreamPipeline(pipe, [30], fuse_qkv=True)  # already fused: left as it is
+    # channels-last is on by default where it was measured to help (CUDA), off elsewhere
+    assert engine.on_for(None, "cuda") and not engine.on_for(None, "cpu") and not engine.on_for(False, "cuda")
+    assert lcm_pipe.unet.conv_in.weight.is_contiguous()  # default streams on the CPU left it as it was
     from peft import LoraConfig
 
     lora = copy.deepcopy(lcm_pipe)

@@ -1,7 +1,8 @@
 """Engine options of a stream step, for speed on a GPU; each is off by default and measured before it is kept.
 
 - `channels_last`: the UNet, ControlNets and VAE in NHWC memory format (cuDNN's fast convolution layout on tensor
-  cores); numerics unchanged up to kernel choice.
+  cores); numerics unchanged up to kernel choice. On by default on a CUDA GPU (None), where it was measured to help
+  (benchmarks/results/stream-h200).
 - `attention`: one scaled-dot-product-attention backend for the step ("flash", "efficient", "cudnn", "math"),
   through `torch.nn.attention.sdpa_kernel`; None lets PyTorch choose.
 - `fuse_qkv`: each attention's query/key/value projections as one matmul (diffusers' `fuse_qkv_projections`, on
@@ -24,6 +25,11 @@ from paradiff.errors import UserError
 
 ATTENTION = ("flash", "efficient", "cudnn", "math")
 SCOPES = ("modules", "step")
+
+
+def on_for(value: bool | None, device: Any) -> bool:
+    """An option whose default (None) is "on where measured to help": on a CUDA GPU."""
+    return torch.device(device).type == "cuda" if value is None else bool(value)
 
 
 def check(attention: str | None, compile_scope: str) -> None:

@@ -133,7 +133,7 @@ class StreamPipeline:
         controlnet: Any = None,
         control_preprocessor: Any = None,
         controlnet_scale: float | Sequence[float] = 1.0,
-        channels_last: bool = False,
+        channels_last: bool | None = None,
         attention: str | None = None,
         float8: bool = False,
         fuse_qkv: bool = False,
@@ -204,7 +204,7 @@ class StreamPipeline:
             engine.fuse_projections(weighted, self._lora_layers)
         if float8:
             engine.float8_linears(unet)
-        if channels_last:
+        if engine.on_for(channels_last, self.device):
             engine.to_channels_last(weighted)
         self._attention = engine.attention_context(attention)
         execution = Execution(compile, cuda_graph, graph_warmup=2)

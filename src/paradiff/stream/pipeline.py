@@ -11,9 +11,11 @@ Everything a step needs (prompt embeddings, per-row timesteps, alpha/beta, LCM c
 put on the device in `prepare()`, and the step reads and updates only static buffers, so on a GPU the whole step
 (uint8 frame in -> encode -> UNet -> decode -> uint8 frame out) is one CUDA-graph replay (`paradiff.execution`:
 the runner and the compile policy every method shares).
-The diffusers pipeline and its modules are used as they are; nothing in them is changed (one exception, said
-where it happens: a full SDXL VAE in float16 is upcast to float32, as diffusers' own pipelines do, because it
-overflows in float16; TAESDXL as `tiny_vae` avoids it and is faster).
+The diffusers pipeline and its modules are used as they are; their code is not changed. What is changed in place,
+said where it happens: on a CUDA GPU the modules' memory format becomes channels-last (the `channels_last`
+default there; values unchanged); the opt-in engine options (`fuse_qkv`, `float8`) convert them; and a full SDXL
+VAE in float16 is upcast to float32, as diffusers' own pipelines do, because it overflows in float16 (TAESDXL as
+`tiny_vae` avoids it and is faster).
 
 SDXL's added conditioning (`stream/conditioning.py`), ControlNets (`stream/control.py`) and LoRAs (`stream/lora.py`)
 are prepared outside the step like everything else, so they add no host work and no re-capture when they change.

@@ -1,4 +1,5 @@
-"""Engine options of a stream step, for speed on a GPU; each is off by default and measured before it is kept.
+"""Engine options of a stream step, for speed on a GPU; each is measured before it is kept, and on by default only
+where it was measured to help.
 
 - `channels_last`: the UNet, ControlNets and VAE in NHWC memory format (cuDNN's fast convolution layout on tensor
   cores); numerics unchanged up to kernel choice. On by default on a CUDA GPU (None), where it was measured to help

@@ -49,8 +49,9 @@ case $section in
   emulate2048)
     run patch-sdxl2048-emulated python3 benchmarks/patch_bench.py --emulate-ranks 2 --size 2048 --steps 30 \
       --configs baseline,patch --out "$out/patch-sdxl2048-emulated2" ;;
-  profile1024)  # one GPU: kernel time by kind, whole UNet vs one rank's rows vs the hooked step (~6 min)
-    run patch-profile-sdxl1024 python3 benchmarks/patch_profile.py --out "$out/patch-profile-sdxl1024" ;;
+  profile1024)  # one GPU: kernel time by kind, whole UNet vs one rank's rows vs the hooked step (~6 min),
+                # + the eager split by hooked kind of layer (--by-layer)
+    run patch-profile-sdxl1024 python3 benchmarks/patch_profile.py --by-layer --out "$out/patch-profile-sdxl1024" ;;
   vae-emulated)  # one GPU: per-rank peak memory and time of the patch-parallel VAE decode (estimated 2-4 min)
     run vae-sdxl-emulated python3 benchmarks/vae_bench.py --sizes 2048,4096 --ranks 2,4 \
       --out "$out/vae-sdxl-emulated" ;;

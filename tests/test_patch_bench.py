@@ -42,7 +42,7 @@ def test_patch_bench_tiny(tmp_path, emulate):
 
 
 def test_patch_profile_tiny(tmp_path):
-    _run("benchmarks/patch_profile.py", "--tiny", "--steps", "2", "--compile-backend", "aot_eager",
+    _run("benchmarks/patch_profile.py", "--tiny", "--steps", "2", "--compile-backend", "aot_eager", "--by-layer",
          "--out", str(tmp_path))
     result = json.loads((tmp_path / "patch-profile.json").read_text())
     variants = {v["variant"]: v for v in result["variants"]}
@@ -51,6 +51,13 @@ def test_patch_profile_tiny(tmp_path):
     # the hooked step launches more kernels than the plain UNet on the same rows (halo, gather, statistics)
     assert variants["patch"]["kernel_calls_per_step"] > variants["rows"]["kernel_calls_per_step"]
     assert "| kernels, all |" in (tmp_path / "patch-profile.md").read_text()
+    # --by-layer: the eager split by hooked kind of layer; every kind is seen in both, and the hooks add work
+    layered = {v["variant"]: v["by_layer"] for v in result["by_layer"]}
+    assert set(layered) == {"rows eager", "patch eager"}
+    for kind in ("conv kxk (halo)", "groupnorm", "self-attention to_k/to_v (full K/V)"):
+        assert layered["rows eager"][kind] > 0 and layered["patch eager"][kind] > 0
+    assert layered["patch eager"]["groupnorm"] > layered["rows eager"]["groupnorm"]
+    assert "| groupnorm |" in (tmp_path / "patch-profile.md").read_text()
 
 
 def test_profile_kinds_of_real_kernel_names():

@@ -315,6 +315,12 @@ def test_fused_qkv_projections_keep_the_frames_and_refuse_unfused_loras(lcm_pipe
     lora.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v"]))
     with pytest.raises(UserError, match="fuse_qkv=True cannot fuse projections that carry LoRA"):
         StreamPipeline(lora, [30], fuse_qkv=True)
+    added = copy.deepcopy(lcm_pipe)  # diffusers refuses to fuse added K/V projections: one clear error
+    from diffusers.models.attention_processor import AttnAddedKVProcessor2_0
+
+    added.unet.set_attn_processor(AttnAddedKVProcessor2_0())
+    with pytest.raises(UserError, match="cannot fuse its projections"):
+        StreamPipeline(added, [30], fuse_qkv=True)
 
 
 def test_modules_converted_in_place_get_code_compiled_for_their_new_layout():

@@ -64,7 +64,11 @@ def fuse_projections(modules: list[Any], lora_layers: list) -> None:
                         "pipe.unload_lora_weights()) or leave fuse_qkv off.")
     for module in modules:
         if hasattr(module, "fuse_qkv_projections") and not is_fused(module):
-            module.fuse_qkv_projections()
+            try:
+                module.fuse_qkv_projections()
+            except ValueError as err:  # diffusers refuses added K/V projections (IP-Adapter, some attention types)
+                raise UserError(f"fuse_qkv=True: {type(module).__name__} cannot fuse its projections ({err}); "
+                                "leave fuse_qkv off.") from None
 
 
 def is_fused(module: Any) -> bool:

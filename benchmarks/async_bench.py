@@ -131,8 +131,11 @@ def reset_memory(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def peak_gb(device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+def peak_gb(device, held: float | None = None) -> float | None:
+    """Peak allocated GiB since the last reset, less `held` (what was allocated before the configuration)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30 - (held or 0.0)
 
 
 def leftover_gb(device) -> float | None:
@@ -277,7 +280,7 @@ def run_emulated(args) -> int:
             times, _ = timed(lambda: denoise(serial, sched, latent, kwargs, steps), args.repeats, device)
             base_ms = forward_ms(lambda: denoise(serial, sched, latent, kwargs, steps), marks, device)
         base = dict(arch=label, size=size, steps=steps, config=base_name, rank=None, median_s=statistics.median(times),
-                    forward_ms=base_ms, peak_gb=peak_gb(device) - left if device.type == "cuda" else None,
+                    forward_ms=base_ms, peak_gb=peak_gb(device, left),
                     leftover_gb=left, params=sum(p.numel() for p in unet.parameters()))
         rows.append(base)
         print(f"[{label}] {base_name}: step {base_ms:.2f} ms, peak {base['peak_gb']} GiB", flush=True)
@@ -300,7 +303,7 @@ def run_emulated(args) -> int:
                     ms = forward_ms(lambda: denoise(unet, sched, latent, kwargs, steps), marks, device)
                     method.state.observer = None
                 moved = method.state.p2p.bytes_per_step()
-                peak = peak_gb(device) - left if device.type == "cuda" else None
+                peak = peak_gb(device, left)
                 rows.append(dict(arch=label, size=size, steps=steps, config=name, rank=rank, leftover_gb=left,
                                  median_s=statistics.median(times), forward_ms=ms, peak_gb=peak,
                                  params=sum(p.numel() for p in unet.parameters()),

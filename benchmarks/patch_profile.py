@@ -149,7 +149,8 @@ def profile_variant(name, args, rt, device, dtype, eager=False) -> dict:
         kernels.append({"name": event.key[:120], "kind": kind, "ms_per_step": ms,
                         "calls_per_step": event.count / args.steps})
     kernels.sort(key=lambda k: -k["ms_per_step"])
-    return {"variant": name + (" eager" if eager else ""), "step_ms": step_ms, "by_layer": by_layer, "kernel_ms_per_step": sum(by_kind.values()), "by_kind": by_kind,
+    return {"variant": name + (" eager" if eager else ""), "step_ms": step_ms,
+            "kernel_ms_per_step": sum(by_kind.values()), "by_kind": by_kind, "by_layer": by_layer,
             "kernel_calls_per_step": sum(k["calls_per_step"] for k in kernels), "top": kernels[:15]}
 
 
@@ -192,8 +193,8 @@ def main(argv=None):
     if layered:
         plain, hooked = layered
         lines += ["", "Eager, by hooked kind of layer (device ms per step inside each kind's calls, host ms on a "
-                  "CPU; unfused kernels, so upper bounds of the compiled costs):", "", "| | rows eager | patch eager | added by the hooks |",
-                  "|---|---|---|---|"]
+                  "CPU; unfused kernels, so upper bounds of the compiled costs):", "",
+                  "| | rows eager | patch eager | added by the hooks |", "|---|---|---|---|"]
         for kind in LAYER_KINDS:
             a, b = plain["by_layer"].get(kind, 0.0), hooked["by_layer"].get(kind, 0.0)
             lines.append(f"| {kind} | {a:.2f} | {b:.2f} | {b - a:+.2f} |")

@@ -161,8 +161,8 @@ class Models:
         ask for, so each set measures its own options; float8 cannot be undone (those sets run last)."""
         from paradiff.stream import engine
 
-        modules = {id(m): m for built in self.cache.values() for m in built if m is not None and hasattr(m, "to")}
-        for module in [m for m in modules.values() if isinstance(m, torch.nn.Module)]:
+        modules = {id(m): m for built in self.cache.values() for m in built if isinstance(m, torch.nn.Module)}
+        for module in modules.values():
             if not options.get("channels_last"):
                 module.to(memory_format=torch.contiguous_format)
             if not options.get("fuse_qkv") and engine.is_fused(module):

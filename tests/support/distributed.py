@@ -3,7 +3,8 @@
     from support.distributed import run_ranks
     outputs = run_ranks(my_module_level_fn, 2, arg1, arg2)   # list indexed by rank
 
-`fn` must be a module-level function (it is pickled into spawned processes). It runs after
+`fn` must be a module-level function (it is pickled into the rank processes, forked from a fork server that has
+imported torch, diffusers and paradiff once: `support.preload`). It runs after
 `paradiff.runtime.init("cpu")`, so `paradiff.runtime.get()` gives the rank. Return values travel back through
 `torch.save`, so tensors, numpy arrays and plain Python objects all work. A failing rank fails the call with its
 traceback; a rank that hangs fails it after `timeout` seconds.
@@ -56,6 +57,14 @@ def _worker(rank, world_size, port, fn, args, results, env):
         runtime.shutdown()
 
 
+def _context():
+    """A fork server that has imported the heavy modules once: each rank forks from it (a clean single-threaded
+    process, like spawn's) instead of importing torch and diffusers anew."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["support.preload"])
+    return ctx
+
+
 def _rank_env(env: dict | None) -> dict:
     env = dict(env or {})
     env.setdefault("PARADIFF_TIMEOUT", os.environ.get("PARADIFF_TIMEOUT") or str(RANK_TIMEOUT_S))
@@ -63,7 +72,7 @@ def _rank_env(env: dict | None) -> dict:
 
 
 def run_ranks(fn, world_size: int, *args, timeout: float = 300.0, env: dict | None = None) -> list:
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     results = ctx.Queue()
     port = free_port()
     env = _rank_env(env)

@@ -97,5 +97,7 @@ def float8_linears(unet: Any) -> None:
         raise UserError("float8=True needs torchao (pip install torchao) with float8 support.") from None
     if unet.device.type != "cuda":
         raise UserError(f"float8=True needs the UNet on a CUDA GPU with float8 (H100/H200); it is on {unet.device}.")
-    quantize_(unet, Float8DynamicActivationFloat8WeightConfig(),
+    # set_inductor_config=False: torchao would otherwise turn on inductor's coordinate-descent tuning for the whole
+    # process (measured: the stream's compile ran past 4 minutes, tuning every kernel, not only the quantized ones)
+    quantize_(unet, Float8DynamicActivationFloat8WeightConfig(set_inductor_config=False),
               filter_fn=lambda module, name: isinstance(module, torch.nn.Linear))

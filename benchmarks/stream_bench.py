@@ -83,13 +83,11 @@ def parse_options(text: str) -> dict:
             kwargs["compile"] = {"options": dict(TUNED_INDUCTOR)}
         elif key == "step":
             kwargs["compile_scope"] = "step"
-        elif key == "cudnn_benchmark":  # a process-wide cuDNN flag, set by bench_stream around its set
-            pass
         elif key == "attention" and value:
             kwargs["attention"] = value
         else:
             raise SystemExit(f"unknown engine option {part!r} (channels_last, contiguous, attention=NAME, float8, "
-                             "fuse_qkv, inductor=tuned, step, cudnn_benchmark)")
+                             "fuse_qkv, inductor=tuned, step)")
     return kwargs
 
 
@@ -213,8 +211,6 @@ def make_stream(models, cfg, engine, device, size, options=None, graph=True):
 
 def bench_stream(models, cfg, engine, args, device, size, options_name="default"):
     name, kind, t_index, fbs, guidance = cfg[:5]
-    # cuDNN tries each convolution algorithm once per shape and keeps the fastest (before the graph is captured)
-    torch.backends.cudnn.benchmark = "cudnn_benchmark" in options_name.split("+")
     stream = make_stream(models, cfg, engine, device, size, parse_options(options_name))
     rng = np.random.default_rng(0)
     host = rng.integers(0, 256, (fbs, size, size, 3), dtype=np.uint8)
@@ -524,7 +520,7 @@ def main(argv=None) -> int:
     p.add_argument("--options", default=None, help="engine option sets, comma-separated, each '+'-joined: default, "
                                                     "channels_last, contiguous (default: channels-last on CUDA), "
                                                     "attention=flash|efficient|cudnn|math, float8, "
-                                                    "fuse_qkv, inductor=tuned, step, cudnn_benchmark")
+                                                    "fuse_qkv, inductor=tuned, step")
     p.add_argument("--option-configs", default=None, help="configs the option sets run on (default img2img-1step-b4)")
     p.add_argument("--profile", action="store_true", help="kernel time per component (torch.profiler)")
     p.add_argument("--suite", choices=sorted(SUITE), default=None, help="a preset of configs, engines and options")

@@ -540,6 +540,9 @@ def main(argv=None) -> int:
     p.add_argument("--scale", type=float, default=1.2, help="guidance scale for self/initialize/full (fidelity)")
     p.add_argument("--filter-threshold", type=float, default=0.98)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="cuDNN times each convolution's algorithms once per shape (process-wide, and cuDNN keeps a "
+                        "shape's plan for the process: compare against a run without it, not an option set)")
     args = p.parse_args(argv)
     for key, value in SUITE.get(args.suite, {}).items():  # a suite fills what was not given
         if getattr(args, key) in (None, False):
@@ -555,6 +558,7 @@ def main(argv=None) -> int:
     import torch._dynamo as dynamo
 
     dynamo.config.cache_size_limit = 64  # one graph per batch size and module, across configurations
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     result = run_speed(args)
     print(json.dumps({"ratios": result["ratios"], "errors": result["errors"], "skipped": result["skipped"]}))
     return 1 if result["errors"] else 0

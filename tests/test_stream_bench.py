@@ -36,8 +36,9 @@ def test_stream_bench_models_options_and_profile_tiny(tmp_path):
                        "--configs", "img2img-1step-b1,sdxl-img2img-1step-b1,controlnet-img2img-1step-b1",
                        "--options", "channels_last+attention=math,contiguous+fuse_qkv+inductor=tuned",
                        "--option-configs", "img2img-1step-b1",
-                       "--profile", "--no-baseline"])
-    assert code == 0
+                       "--profile", "--no-baseline", "--cudnn-benchmark"])
+    benchmark, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False  # process-wide: undo
+    assert code == 0 and benchmark
     result = json.loads((tmp_path / "stream-bench.json").read_text())
     runs = {(row["config"], row["options"]) for row in result["rows"]}
     assert runs == {("img2img-1step-b1", "default"), ("sdxl-img2img-1step-b1", "default"),

@@ -213,12 +213,16 @@ def fake_collectives(on: bool) -> list[str]:
     return [f"{m.__name__}.{a}" for m, a, _ in patched]
 
 
+def compile_backend(args, device) -> str | None:
+    return args.compile_backend or ("inductor" if device.type == "cuda" else None)
+
+
 def bench_config(name, args, rt, device, dtype):
     from paradiff import CFGParallel, PatchParallel
     from paradiff.parallel import parallelize_module
 
     on_gpu = device.type == "cuda"
-    backend = args.compile_backend or ("inductor" if on_gpu else None)
+    backend = compile_backend(args, device)
     compile_opts = {"backend": backend} if backend else False
     if on_gpu:
         torch.cuda.empty_cache()
@@ -353,7 +357,8 @@ def write_results(args, rt, rows, quiet=False):
            "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])}
     setup = {"arch": "tiny" if args.tiny else args.arch, "size_px": args.size, "latent": args.size // 8,
              "batch": 2, "dtype": "fp32" if args.tiny or rt.device.type == "cpu" else "fp16", "steps": args.steps,
-             "warmup_steps": args.warmup_steps, "repeat": args.repeat}
+             "warmup_steps": args.warmup_steps, "repeat": args.repeat,
+             "compile_backend": compile_backend(args, rt.device)}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "patch-bench.json"), "w") as f:
         json.dump({"env": env, "setup": setup, "results": rows}, f, indent=2)

@@ -30,13 +30,16 @@ def test_metrics_on_identical_and_perturbed_images():
         evaluate.compare_images(a, a[:32])
 
 
-def _reference_pipe():
+def _reference_pipe(threads: int | None = 2):
+    """The reference model; `threads=None` in rank processes, which keep run_ranks' one thread each (two ranks
+    of two threads on two CPUs run several times slower)."""
     import torch
     from diffusers import StableDiffusionPipeline
 
     from paradiff.reference import DEFAULT_MODEL
 
-    torch.set_num_threads(2)
+    if threads:
+        torch.set_num_threads(threads)
     return StableDiffusionPipeline.from_pretrained(DEFAULT_MODEL)
 
 
@@ -56,6 +59,11 @@ def test_serial_only_adherence_report_and_json(tmp_path):
     assert json.loads(path.read_text())["config"]["steps"] == 25
     res2 = evaluate.evaluate(pipe, [], prompts=prompts[:1], steps=2, guidance=5.0, seed=1)
     assert res2["rows"][0]["seed"] == 1003
+    # the serial images of an earlier run (test_fidelity.py compares three methods against one serial run)
+    with pytest.raises(ValueError, match="give methods too"):
+        evaluate.evaluate(pipe, [], prompts=prompts, steps=2, serial_images=[object(), object()])
+    with pytest.raises(ValueError, match="serial_images has 1 entries for 2 prompts"):
+        evaluate.evaluate(pipe, ["a method"], prompts=prompts, steps=2, serial_images=[object()])
 
 
 def test_defaults_follow_the_scheduler():
@@ -74,7 +82,7 @@ def test_defaults_follow_the_scheduler():
 def _two_rank_cfg_eval():
     from paradiff.methods.cfg import CFGParallel
 
-    res = evaluate.evaluate(_reference_pipe(), [CFGParallel()], num_prompts=2, steps=6)
+    res = evaluate.evaluate(_reference_pipe(threads=None), [CFGParallel()], num_prompts=2, steps=6)
     return {k: res[k] for k in ("serial", "method", "vs_serial", "config")}
 
 

@@ -1,5 +1,8 @@
 """Fidelity thresholds of the approximate modes on the trained reference model (2 and 4 gloo ranks, 25 steps).
 
+The serial images are computed once, in this process, and every configuration is compared with them
+(`evaluate(..., serial_images=)`); each configuration runs in fresh ranks, as a real job does.
+
 Measured at the reference model's guidance 3.0 (benchmarks/results/patch-fidelity-cpu.md, 16 prompts; async-fidelity-
 cpu.md, 8 prompts): patch default 44.3 dB, naive patch 16.7 dB, AsyncDenoise N=2 stride 1 43.4 dB. The thresholds
 leave a margin, so a regression fails.
@@ -22,33 +25,38 @@ def _reference_pipe():
     return pipe
 
 
-def _scores(method):
+@pytest.fixture(scope="module")
+def serial():
     from paradiff import evaluate
 
-    res = evaluate.evaluate(_reference_pipe(), [method], num_prompts=PROMPTS, steps=25)
+    return evaluate.evaluate(_reference_pipe(), num_prompts=PROMPTS, steps=25, keep_images=True)["images"]["serial"]
+
+
+def _scores(method, serial_images):
+    from paradiff import evaluate
+
+    res = evaluate.evaluate(_reference_pipe(), [method], num_prompts=PROMPTS, steps=25, serial_images=serial_images)
+    assert res["seconds"]["serial"] is None  # the given images, not a serial run of its own
     return {"vs_serial": res["vs_serial"], "serial": res["serial"]["adherence"],
             "method": res["method"]["adherence"]}
 
 
-def _patch(kind):
+def _patch(kind, serial_images):
     from paradiff.methods.patch import PatchParallel
 
     return _scores({"exact": PatchParallel(warmup_steps=25), "default": PatchParallel(),
-                    "naive": PatchParallel(mode="naive")}[kind])
+                    "naive": PatchParallel(mode="naive")}[kind], serial_images)
 
 
-def _async(kind):
+def _async(kind, serial_images):
     from paradiff.methods.asyncdenoise import AsyncDenoise
 
-    return _scores({"exact": AsyncDenoise(warmup_steps=25), "default": AsyncDenoise()}[kind])
-
-
-# Each configuration runs in fresh ranks, as a real job does.
+    return _scores({"exact": AsyncDenoise(warmup_steps=25), "default": AsyncDenoise()}[kind], serial_images)
 
 
 @pytest.mark.slow
-def test_patch_parallel_fidelity_on_the_reference_model():
-    out = {kind: run_ranks(_patch, 2, kind, timeout=600)[0] for kind in ("exact", "default", "naive")}
+def test_patch_parallel_fidelity_on_the_reference_model(serial):
+    out = {kind: run_ranks(_patch, 2, kind, serial, timeout=600)[0] for kind in ("exact", "default", "naive")}
     exact, default, naive = (out[kind]["vs_serial"] for kind in ("exact", "default", "naive"))
     assert exact["psnr_min"] > 45, exact  # all steps synchronous: equal up to float reassociation
     assert out["exact"]["method"] == out["exact"]["serial"]
@@ -58,9 +66,9 @@ def test_patch_parallel_fidelity_on_the_reference_model():
 
 
 @pytest.mark.slow
-def test_patch_parallel_fidelity_on_four_ranks():
+def test_patch_parallel_fidelity_on_four_ranks(serial):
     # 8 latent rows per patch: "auto" GroupNorm picks stale statistics (corrected ones fall apart: 20.9 dB)
-    out = {kind: run_ranks(_patch, 4, kind, timeout=600)[0] for kind in ("default", "naive")}
+    out = {kind: run_ranks(_patch, 4, kind, serial, timeout=600)[0] for kind in ("default", "naive")}
     default, naive = out["default"]["vs_serial"], out["naive"]["vs_serial"]
     assert default["psnr_mean"] > 30, default
     assert default["psnr_mean"] > naive["psnr_mean"] + 10, (default, naive)
@@ -68,8 +76,8 @@ def test_patch_parallel_fidelity_on_four_ranks():
 
 
 @pytest.mark.slow
-def test_async_denoise_fidelity_on_the_reference_model():
-    out = {kind: run_ranks(_async, 2, kind, timeout=600)[0] for kind in ("exact", "default")}
+def test_async_denoise_fidelity_on_the_reference_model(serial):
+    out = {kind: run_ranks(_async, 2, kind, serial, timeout=600)[0] for kind in ("exact", "default")}
     assert out["exact"]["vs_serial"]["psnr_min"] > 45
     assert out["exact"]["method"] == out["exact"]["serial"]
     assert out["default"]["vs_serial"]["psnr_mean"] > 33, out["default"]

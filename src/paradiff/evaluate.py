@@ -188,8 +188,9 @@ def _quiet(pipe) -> None:
         pipe.set_progress_bar_config(disable=True)
 
 
-def _serial_and_method(pipe, methods, pairs, gen_kw) -> tuple[list, float, list, float, int]:
-    """Images and seconds of a serial copy, then of `pipe` parallelized with `methods`; and the world size.
+def _serial_and_method(pipe, methods, pairs, gen_kw, serial_images=None) -> tuple[list, float | None, list, float, int]:
+    """Images and seconds of a serial copy (unless its images are given), then of `pipe` parallelized with
+    `methods`; and the world size.
 
     The copy is taken before `parallelize` installs any wrapper, and runs on every rank (redundantly), so that no
     rank waits at a collective while rank 0 works alone.
@@ -197,12 +198,14 @@ def _serial_and_method(pipe, methods, pairs, gen_kw) -> tuple[list, float, list,
     from paradiff import runtime
     from paradiff.parallel import parallelize
 
-    serial = copy.deepcopy(pipe)
     rt = runtime.init()
-    serial.to(rt.device)
-    _quiet(serial)
-    serial_images, serial_s = _generate(serial, pairs, **gen_kw)
-    del serial
+    serial_s = None
+    if serial_images is None:
+        serial = copy.deepcopy(pipe)
+        serial.to(rt.device)
+        _quiet(serial)
+        serial_images, serial_s = _generate(serial, pairs, **gen_kw)
+        del serial
     parallelize(pipe, *methods)
     _quiet(pipe)
     method_images, method_s = _generate(pipe, pairs, **gen_kw)
@@ -288,6 +291,7 @@ def evaluate(
     keep_images: bool = False,
     control_images: Sequence | None = None,
     check_captions: Sequence[str] | None = None,
+    serial_images: Sequence | None = None,
 ) -> dict:
     """Generate `prompts` (default: the held-out shapes prompts) serially and with `methods`; score both.
 
@@ -297,7 +301,9 @@ def evaluate(
     `serial` and `method` adherence, `vs_serial` (PSNR/SSIM mean and min, max abs diff), per-prompt `rows`.
     `control_images` (one per prompt, passed as `image=`; `paradiff.reference.data.control_heldout_set` gives the
     held-out maps) add map adherence; `check_captions` are what the checker scores against when the prompts withhold
-    something (the position-free ControlNet protocol).
+    something (the position-free ControlNet protocol). `serial_images`: the serial run's images of the same prompts
+    and settings (`evaluate(pipe, keep_images=True)["images"]["serial"]`), so that scoring several methods runs the
+    serial pipeline once; its seconds are then reported as None.
     """
     if getattr(pipe, "_paradiff_methods", None):
         raise ValueError("evaluate() needs the pipeline before parallelize(): it keeps a serial copy to compare.")
@@ -305,15 +311,21 @@ def evaluate(
     for name, per_prompt in (("control_images", control_images), ("check_captions", check_captions)):
         if per_prompt is not None and len(per_prompt) < len(pairs):
             raise ValueError(f"{name} has {len(per_prompt)} entries for {len(pairs)} prompts")
+    if serial_images is not None and len(serial_images) < len(pairs):
+        raise ValueError(f"serial_images has {len(serial_images)} entries for {len(pairs)} prompts")
     controls = None if control_images is None else list(control_images)[:len(pairs)]
     captions = None if check_captions is None else list(check_captions)[:len(pairs)]
     steps = default_steps(pipe) if steps is None else int(steps)
     guidance = default_guidance(pipe) if guidance is None else float(guidance)
     methods = list(methods)
+    if serial_images is not None and not methods:
+        raise ValueError("serial_images are compared with a method's images: give methods too")
     gen_kw = dict(seed=seed, steps=steps, guidance=guidance, height=height, width=width, call_kwargs=call_kwargs,
                   controls=controls)
     if methods:
-        serial_images, serial_s, method_images, method_s, world = _serial_and_method(pipe, methods, pairs, gen_kw)
+        given = None if serial_images is None else _to_uint8(list(serial_images)[:len(pairs)])
+        serial_images, serial_s, method_images, method_s, world = _serial_and_method(pipe, methods, pairs, gen_kw,
+                                                                                     given)
     else:
         _quiet(pipe)
         serial_images, serial_s = _generate(pipe, pairs, **gen_kw)
@@ -328,7 +340,8 @@ def evaluate(
         "serial": serial_summary,
         "method": method_summary,
         "vs_serial": vs_serial,
-        "seconds": {"serial": round(serial_s, 2), "method": None if method_s is None else round(method_s, 2)},
+        "seconds": {"serial": None if serial_s is None else round(serial_s, 2),
+                    "method": None if method_s is None else round(method_s, 2)},
         "rows": rows,
         "notes": _notes(rows, vs_serial, serial_summary),
     }

@@ -92,8 +92,17 @@ def add_parallel_args(parser: argparse.ArgumentParser, methods: tuple[str, ...] 
     parser.set_defaults(check_before_launch=check_before_launch)
 
 
+def check_method_flags(args: argparse.Namespace) -> None:
+    """The method options without a method: checked before torch or diffusers is imported (a fast error)."""
+    if getattr(args, "method", "none") == "none":
+        for flag in ("warmup_steps", "gn_mode", "stride", "time_shift"):
+            if getattr(args, flag, None) is not None:
+                raise UserError(f"--{flag.replace('_', '-')} needs a parallel --method.")
+
+
 def check_before_launch(args: argparse.Namespace) -> None:
     """Checks made once, in the launching process, so a mistake gives one line instead of one per rank."""
+    check_method_flags(args)
     if args.nproc and args.nproc > 1 and getattr(args, "method", "none") == "none":
         raise UserError(f"--nproc {args.nproc} needs a parallel --method ({', '.join(METHODS[1:])}).")
     device = getattr(args, "device", None)
@@ -149,9 +158,7 @@ def methods_from_args(args: argparse.Namespace) -> list:
     name = getattr(args, "method", "none")
     compile = getattr(args, "compile", None)
     if name == "none":
-        for flag in ("warmup_steps", "gn_mode", "stride", "time_shift"):
-            if getattr(args, flag, None) is not None:
-                raise UserError(f"--{flag.replace('_', '-')} needs a parallel --method.")
+        check_method_flags(args)
         return []
     methods = []
     for part in name.split("+"):

@@ -66,3 +66,40 @@ def test_stale_exchange_sends_full_buckets_during_the_step():
     for out in run_ranks(_exchange_steps, 2, True, 0.0):
         assert out["in_flight"] == 3, out
         assert out["stale_ok"] and out["landed_ok"] and out["pending"] == 0, out
+
+
+def _full_kv_steps(backend):
+    """A `FullKV` hook on a Linear over 3 steps (sync, stale, stale), batch 2: what attention would read."""
+    import torch
+    import torch.distributed as dist
+    from diffusers.hooks import HookRegistry
+
+    from paradiff.comm import StaleExchange
+    from paradiff.plans.patch_layers import FullKV
+
+    ex = StaleExchange(dist.group.WORLD)
+    rank, world = ex.rank, ex.world
+    proj = torch.nn.Identity()
+    HookRegistry.check_if_exists_or_initialize(proj).register_hook(FullKV(ex), "kv")
+
+    def tokens(r, step):  # [B=2, L=3, C=4]: rank, step and batch row are all readable from the values
+        return (torch.arange(24.0).view(2, 3, 4) + 100 * r + 1000 * step).contiguous()
+
+    run = torch.compile(proj, backend=backend, fullgraph=True) if backend else proj
+    seen = []
+    for step, sync in enumerate((True, False, False)):
+        ex.sync = sync
+        seen.append(run(tokens(rank, step)).clone())
+        ex.finish()
+
+    def expected(step):  # every batch row: rank 0's tokens then rank 1's..., own ones from this step
+        return torch.cat([tokens(r, step if r == rank or step == 0 else step - 1) for r in range(world)], dim=1)
+
+    return [(a - expected(i)).abs().max().item() for i, a in enumerate(seen)]
+
+
+# compiled by inductor: the in-place write of the own tokens into the kept buffer must survive functionalization
+@pytest.mark.parametrize("backend", [None, pytest.param("inductor", marks=pytest.mark.slow)])
+def test_full_kv_joins_stale_tokens_of_the_others_to_fresh_own_ones(backend):
+    for errors in run_ranks(_full_kv_steps, 2, backend):
+        assert errors == [0.0, 0.0, 0.0], errors

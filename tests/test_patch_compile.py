@@ -80,7 +80,7 @@ def _generated_order():
     def where(marker):
         return [i for i, line in enumerate(lines) if marker in line]
 
-    return {"gathers": where("all_gather_into_tensor.default("), "computes": where("extern_kernels.mm("),
+    return {"gathers": where("all_gather_into_tensor_coalesced.default("), "computes": where("extern_kernels.mm("),
             "waits": where("wait_tensor.default(")}
 
 

@@ -64,9 +64,11 @@ class Collectives:
         return _wait(_all_gather(x.contiguous(), dim, group))
 
     @staticmethod
-    def start_all_gather(x: torch.Tensor, group_name: str, world: int) -> torch.Tensor:
-        """Issue an all-gather along dim 0 and return its (not yet valid) result; `wait_started` makes it valid."""
-        return torch.ops._c10d_functional.all_gather_into_tensor(x, world, group_name)
+    def start_all_gathers(xs: list[torch.Tensor], group_name: str, world: int) -> list[torch.Tensor]:
+        """Issue one coalesced all-gather (along dim 0) of several tensors, any dtypes, and return their (not yet
+        valid) results; `wait_started` makes each valid. Coalesced, the backend sends them as one group without
+        copying them into one flat buffer first."""
+        return torch.ops._c10d_functional.all_gather_into_tensor_coalesced(xs, world, group_name)
 
     @staticmethod
     def wait_started(x: torch.Tensor) -> torch.Tensor:

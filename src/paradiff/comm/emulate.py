@@ -34,8 +34,8 @@ class LocalCopies(collectives.Collectives):
     def all_gather(self, x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
         return torch.cat([x] * dist.get_world_size(group), dim=dim)
 
-    def start_all_gather(self, x: torch.Tensor, group_name: str, world: int) -> torch.Tensor:
-        return torch.cat([x] * world)
+    def start_all_gathers(self, xs: list[torch.Tensor], group_name: str, world: int) -> list[torch.Tensor]:
+        return [torch.cat([x] * world) for x in xs]
 
     def wait_started(self, x: torch.Tensor) -> torch.Tensor:
         return x

@@ -39,10 +39,10 @@ def auto_gn_mode(patch_rows: int) -> str:
 class _Exchanging(ModelHook):
     """A layer hook that owns one slot of the step's activation exchange."""
 
-    def __init__(self, exchange: StaleExchange):
+    def __init__(self, exchange: StaleExchange, keep=None):
         super().__init__()
         self.exchange = exchange
-        self.slot = exchange.slot()
+        self.slot = exchange.slot(keep)
 
 
 class HaloConv2d(_Exchanging):
@@ -61,13 +61,26 @@ class HaloConv2d(_Exchanging):
 
 
 class FullKV(_Exchanging):
-    """After `to_k`/`to_v` of a self-attention: the other ranks' tokens joined to this rank's fresh ones."""
+    """After `to_k`/`to_v` of a self-attention: the other ranks' tokens joined to this rank's fresh ones.
+
+    The slot keeps the gathered tokens batch-major (`[B, world, L, C]`), the layout attention reads as
+    `[B, world * L, C]` without a copy; a stale step writes this rank's fresh tokens over its own part in place
+    (1/world of the tokens) instead of concatenating all of them anew. An exchange that keeps nothing
+    (`SyncExchange`) gets the gathered parts joined.
+    """
+
+    def __init__(self, exchange: StaleExchange):
+        super().__init__(exchange, keep=lambda gathered: gathered.unflatten(0, (exchange.world, -1)).transpose(0, 1))
 
     def post_forward(self, module: torch.nn.Module, output: torch.Tensor) -> torch.Tensor:
         ex = self.exchange
-        parts = list(ex.exchange(self.slot, output).unflatten(0, (ex.world, output.shape[0])).unbind(0))
-        parts[ex.rank] = output  # own tokens are always fresh (identical to the gathered ones in a sync step)
-        return torch.cat(parts, dim=1)
+        gathered = ex.exchange(self.slot, output)
+        kept = self.slot.recv
+        if kept is None:
+            return gathered.unflatten(0, (ex.world, output.shape[0])).transpose(0, 1).flatten(1, 2)
+        if not ex.sync:  # own tokens are always fresh (identical to the gathered ones in a sync step)
+            kept[:, ex.rank].copy_(output)
+        return kept.flatten(1, 2)
 
 
 class PatchGroupNorm(_Exchanging):

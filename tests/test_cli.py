@@ -55,12 +55,13 @@ def test_generate_on_a_saved_pipeline_folder(tiny_pipeline_dir, tmp_path):
 
 
 def test_main_command_draws_what_it_is_asked(tmp_path):
-    """README's main job with no flags: the embedded model at its own guidance draws the prompt (checked from pixels)."""
+    """README's main job with no flags: the embedded model at its own guidance draws the prompt (checked from pixels).
+    In a fresh interpreter, as a user runs it (the other CLI tests fork from the preloaded fork server)."""
     from paradiff.reference.checker import check
 
     out = tmp_path / "star.png"
     prompt = "a large yellow star at the top, purple background"
-    proc, _ = run_cli("generate", prompt, "-o", str(out), timeout=300)
+    proc, _ = run_cli("generate", prompt, "-o", str(out), timeout=300, fresh=True)
     assert proc.returncode == 0, proc.stderr
     result = check(Image.open(out), prompt)
     assert result.matched, result.analysis

@@ -179,7 +179,9 @@ class _Slots:
     def __init__(self):
         self.count = 0
 
-    def slot(self) -> int:
+    world = 2
+
+    def slot(self, keep=None) -> int:
         self.count += 1
         return self.count
 

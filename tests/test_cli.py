@@ -27,6 +27,22 @@ def test_user_mistakes_give_one_clear_line(args, message):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("extra", [[], ["--method", "patch", "--nproc", "2"]])
+def test_model_mistakes_are_found_before_diffusers_is_imported(tmp_path, extra):
+    """A missing --model folder, or a folder that is not a pipeline, is said at once: no diffusers import (seconds),
+    no rank started. A fresh interpreter, so what is imported is this call's doing."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from paradiff.cli import main; rc = main(sys.argv[1:]); "
+            "print('imported diffusers' if 'diffusers' in sys.modules else 'no diffusers'); sys.exit(rc)")
+    for model, message in (("/no/such/folder", "no such folder"), (str(tmp_path), "model_index.json")):
+        proc = subprocess.run([sys.executable, "-c", code, "generate", "x", "--model", model, *extra],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and message in proc.stderr and f"--model {model}" in proc.stderr, proc.stderr
+        assert proc.stdout.strip() == "no diffusers", proc.stdout
+
+
 def test_folder_without_model_index(tmp_path):
     proc, _ = run_cli("generate", "x", "--model", str(tmp_path))
     assert proc.returncode == 2

@@ -51,6 +51,25 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def _unreachable(model: str) -> UserError:
+    return UserError(f"model={model!r}: not a local folder, not in the Hugging Face cache, and the hub cannot be "
+                     "reached from this machine (offline). Give a local diffusers folder.")
+
+
+def check_model(model: str | None) -> None:
+    """The mistakes about `model` found without importing diffusers (seconds sooner): a missing folder, a folder that
+    is not a pipeline, a hub id neither cached nor reachable. None: the embedded model."""
+    if model is None:
+        return
+    model = _checked(model)
+    if Path(model).exists():
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(model, "model_index.json"), str) and not hub_reachable():
+        raise _unreachable(model)
+
+
 def _load_config(model: str) -> dict:
     from diffusers import DiffusionPipeline
 
@@ -59,8 +78,7 @@ def _load_config(model: str) -> dict:
     except Exception:  # noqa: BLE001 - not cached: try the hub below
         pass
     if not hub_reachable():
-        raise UserError(f"model={model!r}: not a local folder, not in the Hugging Face cache, and the hub cannot be "
-                        "reached from this machine (offline). Give a local diffusers folder.")
+        raise _unreachable(model)
     try:
         return DiffusionPipeline.load_config(model)
     except Exception as err:  # noqa: BLE001 - hub errors come in many types; the user needs one sentence

@@ -103,6 +103,7 @@ def check_method_flags(args: argparse.Namespace) -> None:
 def check_before_launch(args: argparse.Namespace) -> None:
     """Checks made once, in the launching process, so a mistake gives one line instead of one per rank."""
     check_method_flags(args)
+    check_model_flag(args)
     if args.nproc and args.nproc > 1 and getattr(args, "method", "none") == "none":
         raise UserError(f"--nproc {args.nproc} needs a parallel --method ({', '.join(METHODS[1:])}).")
     device = getattr(args, "device", None)
@@ -131,6 +132,15 @@ class SaidWithFlag:
         if isinstance(err, UserError) and str(err).startswith(self.api):
             raise UserError(self.flag + str(err)[len(self.api):]) from None
         return False
+
+
+def check_model_flag(args: argparse.Namespace) -> None:
+    """--model's mistakes that need no diffusers import (a missing folder, an unreachable hub id), said at once."""
+    from paradiff.pipelines import check_model
+
+    model = getattr(args, "model", None)
+    with SaidWithFlag(f"model={model!r}", f"--model {model}"):
+        check_model(model)
 
 
 def load_model(args: argparse.Namespace, model: str | None = None, dtype=None):

@@ -6,7 +6,7 @@ import argparse
 import time
 
 from paradiff.commands.common import (add_model_args, add_parallel_args, check_before_launch, check_method_flags,
-                                      image_size, non_negative_int, positive_int)
+                                      check_model_flag, image_size, non_negative_int, positive_int)
 from paradiff.commands import control
 from paradiff.errors import UserError
 
@@ -258,6 +258,7 @@ def run(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     check_method_flags(args)
+    check_model_flag(args)
     images = image_inputs(args, int(os.environ.get("WORLD_SIZE", args.nproc or 1)))  # before loading the model
     rt, pipe = prepare_pipeline(args)
     kwargs = {**call_kwargs(args), **images}

@@ -179,8 +179,6 @@ class _Slots:
     def __init__(self):
         self.count = 0
 
-    world = 2
-
     def slot(self, keep=None) -> int:
         self.count += 1
         return self.count

@@ -65,8 +65,9 @@ class FullKV(_Exchanging):
 
     The slot keeps the gathered tokens batch-major (`[B, world, L, C]`), the layout attention reads as
     `[B, world * L, C]` without a copy; a stale step writes this rank's fresh tokens over its own part in place
-    (1/world of the tokens) instead of concatenating all of them anew. An exchange that keeps nothing
-    (`SyncExchange`) gets the gathered parts joined.
+    (1/world of the tokens) instead of concatenating all of them anew. (Compiled, the write is functionalised and
+    inductor still materialises the whole-image K/V once, fused with attention's layout.) An exchange that keeps
+    nothing (`SyncExchange`) gets the gathered parts joined.
     """
 
     def __init__(self, exchange: StaleExchange):

@@ -6,6 +6,7 @@
 #
 # SECTION: patch1024 | patch2048 | async-sdxl | async-sd21 | smoke (tiny models, ~1 min: run it first)
 #          | emulate1024 | emulate2048 | profile1024 (one GPU: patch_bench --emulate-ranks 2, patch_profile.py)
+#          | patch-code1024 (one GPU: the compiled stale step's generated code, packed)
 #          | vae-emulated (one GPU: vae_bench.py, SDXL VAE fp16 at 2048 and 4096 px, serial vs rank 0 of 2 and 4)
 #          | async-emulated (one GPU: async_bench.py --emulate-ranks 2, SDXL 1024: each component's compiled step,
 #            peak memory and bytes per step vs the whole compiled model; estimated 5-8 min)
@@ -17,7 +18,7 @@
 # results into benchmarks/results/ afterwards. diffusers is not on the device image: carry the wheels made by
 # ../shared/tools/device-wheels.sh in .whl/ (this script installs them into .site/).
 set -euo pipefail
-section=${1:?usage: gpu_session.sh patch1024|patch2048|async-sdxl|async-sd21|smoke|emulate1024|emulate2048|profile1024|vae-emulated|async-emulated|serve1024|serve-tiny}
+section=${1:?usage: gpu_session.sh patch1024|patch2048|async-sdxl|async-sd21|smoke|emulate1024|emulate2048|profile1024|patch-code1024|vae-emulated|async-emulated|serve1024|serve-tiny}
 out=${OUT:-gpu-out}
 mkdir -p "$out"
 if [ -d .whl ] && ! python3 -c "import diffusers, fastapi, uvicorn" 2>/dev/null; then
@@ -52,6 +53,14 @@ case $section in
   profile1024)  # one GPU: kernel time by kind, whole UNet vs one rank's rows vs the hooked step (~6 min),
                 # + the eager split by hooked kind of layer (--by-layer)
     run patch-profile-sdxl1024 python3 benchmarks/patch_profile.py --by-layer --out "$out/patch-profile-sdxl1024" ;;
+  patch-code1024)  # one GPU: inductor's generated code of the emulated stale step (what each hook costs after
+                   # fusion: is the halo cat fused into its producer, is the whole-image K/V written once), packed;
+                   # TINY=1: a CPU smoke of the section (tiny UNet, inductor on the CPU)
+    export TORCHINDUCTOR_CACHE_DIR="$out/inductor"
+    run patch-code-sdxl1024 python3 benchmarks/patch_bench.py --emulate-ranks 2 --configs patch --steps 8 \
+      --repeat 1 ${TINY:+--tiny --compile-backend inductor} --out "$out/patch-code-sdxl1024"
+    (cd "$out" && find inductor -name '*.py' -size +8k | tar czf patch-code-sdxl1024.tgz -T -) && rm -rf "$out/inductor"
+    ls -la "$out/patch-code-sdxl1024.tgz" ;;
   vae-emulated)  # one GPU: per-rank peak memory and time of the patch-parallel VAE decode (estimated 2-4 min)
     run vae-sdxl-emulated python3 benchmarks/vae_bench.py --sizes 2048,4096 --ranks 2,4 \
       --out "$out/vae-sdxl-emulated" ;;

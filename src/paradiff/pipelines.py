@@ -66,7 +66,11 @@ def check_model(model: str | None) -> None:
         return
     from huggingface_hub import try_to_load_from_cache
 
-    if not isinstance(try_to_load_from_cache(model, "model_index.json"), str) and not hub_reachable():
+    try:
+        cached = isinstance(try_to_load_from_cache(model, "model_index.json"), str)
+    except Exception:  # noqa: BLE001 - not a valid hub id: not cached (the hub says why, when it is reachable)
+        cached = False
+    if not cached and not hub_reachable():
         raise _unreachable(model)
 
 

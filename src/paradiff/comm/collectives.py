@@ -65,9 +65,9 @@ class Collectives:
 
     @staticmethod
     def start_all_gathers(xs: list[torch.Tensor], group_name: str, world: int) -> list[torch.Tensor]:
-        """Issue one coalesced all-gather (along dim 0) of several tensors, any dtypes, and return their (not yet
-        valid) results; `wait_started` makes each valid. Coalesced, the backend sends them as one group without
-        copying them into one flat buffer first."""
+        """Issue one coalesced all-gather (along dim 0) of several tensors of one dtype (gloo's mixes up several
+        dtypes, torch 2.13) and return their (not yet valid) results; `wait_started` makes each valid. Coalesced,
+        the backend sends them as one group without copying them into one flat buffer first."""
         return torch.ops._c10d_functional.all_gather_into_tensor_coalesced(xs, world, group_name)
 
     @staticmethod

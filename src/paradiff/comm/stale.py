@@ -15,7 +15,7 @@ stale bucket is issued with the raw op `_c10d_functional.all_gather_into_tensor_
 keeps that order (`paradiff.methods.patch.compile_kwargs`: no comm reordering, no peak-memory reordering, which
 would sink the issues too).
 
-On gloo (CPU) the stale payloads are instead sent together in `finish()`, one coalesced all-gather: many gloo
+On gloo (CPU) the stale payloads are instead sent in `finish()`, one coalesced all-gather per dtype: many gloo
 all-gathers in flight at once corrupt the heap (seen as "malloc(): unaligned tcache chunk detected" and a rank
 dying mid-run with torch 2.13), and on a CPU communication cannot hide behind compute anyway.
 """
